@@ -1,0 +1,31 @@
+//! wskeep: a WebSocket keepalive sidecar.
+//!
+//! Where things live:
+//! - `config`: the TOML + environment configuration and its validation (`wskeep check`)
+//! - `server`: listener, admission, TLS termination, HTTP/1.1 serving; `Server::run`
+//! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
+//!   `headers` (forwarding rules and upgrade validation)
+//! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
+//! - `keepalive`, `jsonping`: the per-leg timers and the JSON ping matcher the relay uses
+//! - `shutdown`: drain and close phases, signals
+//! - `tls`: certificate loading and hot reload
+//! - `metrics`, `connections`, `admin`, `telemetry`: what operators see
+//! - `client`, `probe`, `legacy`, `demo`, `bench`: the tools around the sidecar
+
+pub mod admin;
+pub mod config;
+pub mod connections;
+pub mod jsonping;
+pub mod keepalive;
+pub mod metrics;
+pub mod proxy;
+pub mod relay;
+pub mod server;
+pub mod shutdown;
+pub mod size;
+pub mod telemetry;
+pub mod tls;
+
+pub use config::Config;
+pub use server::Server;
+pub use shutdown::Drain;

@@ -1,0 +1,56 @@
+//! Plain HTTP requests (the orchestrator's other endpoints: WHIP offers, health checks) are
+//! reverse-proxied to the upstream with streamed bodies both ways, through one pooled client.
+
+use std::net::SocketAddr;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::{headers, text, Body, Shared};
+use crate::config::Config;
+
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// The pooled client for plain HTTP, built once.
+pub fn client(config: &Config) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.upstream.connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .build(connector)
+}
+
+pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
+    let upstream = &shared.config.upstream;
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(uri) = Uri::builder().scheme("http").authority(upstream.authority.as_str()).path_and_query(path).build() else {
+        return text(StatusCode::BAD_REQUEST, "bad request target\n");
+    };
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.headers_mut() = headers::forward_request(&parts.headers, peer.ip(), shared.tls, &upstream.authority, false);
+
+    match tokio::time::timeout(upstream.response_timeout, shared.http.request(out)).await {
+        Ok(Ok(mut response)) => {
+            headers::strip_response(response.headers_mut(), false);
+            response.map(|b| b.boxed())
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "upstream HTTP request failed");
+            if e.is_connect() && format!("{e:?}").contains("timed out") {
+                text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
+            } else {
+                text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+            }
+        }
+        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
+    }
+}

@@ -1,0 +1,70 @@
+//! The hyper service behind the listener: WebSocket upgrades go to `ws`, everything else is
+//! reverse-proxied by `http`. Both forward headers the same way (`headers`).
+
+pub mod headers;
+pub mod http;
+pub mod ws;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::config::Config;
+use crate::connections::Connections;
+use crate::metrics::Metrics;
+use crate::relay::RelaySettings;
+use crate::shutdown::Drain;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Everything the request handlers share, built once at start.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<Connections>,
+    pub drain: Drain,
+    pub relay: RelaySettings,
+    pub http: http::UpstreamClient,
+    /// Whether the listener terminates TLS (for `X-Forwarded-Proto`).
+    pub tls: bool,
+}
+
+/// What a request knows about the TCP connection it came on.
+#[derive(Clone)]
+pub struct ConnMeta {
+    pub peer: SocketAddr,
+    /// The listener slot of this TCP connection; a relay keeps it for as long as it lives.
+    pub permit: Arc<OwnedSemaphorePermit>,
+}
+
+pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Result<Response<Body>, Infallible> {
+    if headers::wants_websocket(req.headers()) {
+        Ok(ws::upgrade(req, shared, meta).await)
+    } else {
+        let response = http::forward(req, &shared, meta.peer).await;
+        shared.metrics.http_request(response.status());
+        Ok(response)
+    }
+}
+
+/// A short plain-text response of wskeep's own.
+pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// The path without its query string, for logs (tokens travel in queries).
+pub fn loggable_path(uri: &hyper::Uri) -> String {
+    uri.path().to_string()
+}

@@ -1,0 +1,199 @@
+//! The WebSocket handshake, upstream first: the upstream's answer decides the client's.
+//!
+//! The upstream leg uses hyper's client upgrade rather than tungstenite's client handshake,
+//! which keeps only part of a refusal's body and rejects a 101 without a subprotocol when some
+//! were offered. A refusal reaches the client whole (status, headers, body); a 101 is checked
+//! (accept key, subprotocol) before the client gets its own. Each upgraded stream is then framed
+//! by tokio-tungstenite and handed to `relay::run` in a task the drain tracks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use super::{headers, text, Body, ConnMeta, Shared};
+use crate::metrics::UpgradeFailure;
+use crate::relay;
+
+/// Per-socket read buffer: small, because most connections are idle most of the time (the
+/// default 128 KiB is allocated eagerly for every socket). Larger messages grow it as needed.
+const READ_BUFFER: usize = 4 * 1024;
+/// Messages are gathered up to this size before a write; `flush` writes the rest.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// tungstenite's limits for one leg: messages and frames up to `max_message_size`.
+pub fn websocket_config(max_message_size: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        // One message plus the batch: the sink reports "not ready" before more is queued.
+        .max_write_buffer_size(WRITE_BUFFER + max_message_size + 1024)
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size))
+}
+
+/// Why the upstream leg could not be opened, and what the client is told.
+enum UpstreamFailure {
+    Unreachable(String),
+    TimedOut(&'static str),
+    Refused(Response<Incoming>),
+    BadHandshake(&'static str),
+}
+
+pub async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Response<Body> {
+    let metrics = &shared.metrics;
+    let client_key = match headers::validate_upgrade(req.method(), req.version(), req.headers()) {
+        Ok(key) => key.to_string(),
+        Err(bad) => {
+            metrics.upgrade_failed(UpgradeFailure::BadRequest);
+            crate::telemetry::upgrade_failure(UpgradeFailure::BadRequest, bad.reason.trim_end());
+            let mut response = text(bad.status, bad.reason);
+            if bad.status == StatusCode::UPGRADE_REQUIRED {
+                response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            return response;
+        }
+    };
+    if shared.drain.is_draining() {
+        metrics.upgrade_failed(UpgradeFailure::Limit);
+        return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
+    }
+    let offered = headers::offered_protocols(req.headers());
+    let started = Instant::now();
+    let (upstream_response, upstream_upgrade) = match open_upstream(&req, &shared, &meta, &offered).await {
+        Ok(ok) => ok,
+        Err(failure) => return refuse(failure, &shared),
+    };
+    metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
+
+    // The client's 101: its own accept key, the upstream's choice of subprotocol, and the
+    // upstream's other end-to-end headers (cookies, for instance).
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut upstream_headers = upstream_response.headers().clone();
+    headers::strip_response(&mut upstream_headers, true);
+    *response.headers_mut() = upstream_headers;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // The key passed validation (base64 characters only), so the derived value is a valid header.
+    let accept = derive_accept_key(client_key.as_bytes());
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let path = super::loggable_path(req.uri());
+    let task_shared = shared.clone();
+    shared.drain.spawn(async move {
+        relay_task(client_upgrade, upstream_upgrade, task_shared, meta, path).await;
+    });
+    response
+}
+
+/// Connects to the upstream and asks it for the same WebSocket; `Ok` only on a checked 101.
+async fn open_upstream(
+    req: &Request<Incoming>,
+    shared: &Shared,
+    meta: &ConnMeta,
+    offered: &[String],
+) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
+    let upstream = &shared.config.upstream;
+    let tcp = match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(&upstream.authority)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
+        Err(_) => return Err(UpstreamFailure::TimedOut("connect timed out")),
+    };
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| UpstreamFailure::Unreachable(e.to_string()))?;
+    // The connection task ends at the upgrade, or after streaming a refusal's body.
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+
+    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut upstream_req = Request::get(path).body(Body::default()).expect("a path from a parsed URI is valid");
+    let mut forwarded = headers::forward_request(req.headers(), meta.peer.ip(), shared.tls, &upstream.authority, true);
+    forwarded.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    forwarded.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    forwarded.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    forwarded.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_str(&key).expect("base64 is a header value"));
+    *upstream_req.headers_mut() = forwarded;
+
+    let mut response = match tokio::time::timeout(upstream.response_timeout, sender.send_request(upstream_req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
+        Err(_) => return Err(UpstreamFailure::TimedOut("no response within upstream.response_timeout")),
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(UpstreamFailure::Refused(response));
+    }
+    let h = response.headers();
+    if h.get(header::SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+        return Err(UpstreamFailure::BadHandshake("upstream answered with a wrong Sec-WebSocket-Accept"));
+    }
+    if let Some(chosen) = h.get(header::SEC_WEBSOCKET_PROTOCOL) {
+        if !offered.iter().any(|p| p.as_bytes() == chosen.as_bytes()) {
+            return Err(UpstreamFailure::BadHandshake("upstream chose a subprotocol the client did not offer"));
+        }
+    }
+    let upgrade = hyper::upgrade::on(&mut response);
+    Ok((response, upgrade))
+}
+
+/// The client's answer when the upstream leg failed.
+fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
+    let (reason, status, detail) = match failure {
+        UpstreamFailure::Refused(mut response) => {
+            // Passed through as the upstream sent it: status, end-to-end headers and body.
+            shared.metrics.upgrade_failed(UpgradeFailure::UpstreamRefused);
+            crate::telemetry::upgrade_failure(UpgradeFailure::UpstreamRefused, response.status().as_str());
+            headers::strip_response(response.headers_mut(), true);
+            return response.map(|b| b.boxed());
+        }
+        UpstreamFailure::Unreachable(e) => (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e),
+        UpstreamFailure::BadHandshake(e) => (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e.to_string()),
+        UpstreamFailure::TimedOut(e) => (UpgradeFailure::UpstreamTimeout, StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+    };
+    shared.metrics.upgrade_failed(reason);
+    crate::telemetry::upgrade_failure(reason, &detail);
+    let body = if status == StatusCode::GATEWAY_TIMEOUT { "upstream timed out\n" } else { "upstream unavailable\n" };
+    text(status, body)
+}
+
+/// Waits for both upgrades, relays, and reports the ending.
+async fn relay_task(client: OnUpgrade, upstream: OnUpgrade, shared: Arc<Shared>, meta: ConnMeta, path: String) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let ws_config = websocket_config(shared.config.limits.max_message_size.0 as usize);
+    let client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(ws_config)).await;
+    let upstream = WebSocketStream::from_raw_socket(TokioIo::new(upstream), Role::Client, Some(ws_config)).await;
+
+    let metrics = &shared.metrics;
+    metrics.connections_total.inc();
+    metrics.connections_active.inc();
+    let guard = shared.connections.open(meta.peer, path);
+    let conn = &guard.info;
+    let outcome = relay::run(client, upstream, &shared.relay, metrics, conn, shared.drain.closing()).await;
+    let duration = conn.started.elapsed();
+    metrics.connections_active.dec();
+    metrics.connection_ended(outcome.end, duration.as_secs_f64());
+    crate::telemetry::connection_closed(conn, &outcome, duration);
+    drop(guard);
+    drop(meta.permit);
+}
