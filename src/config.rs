@@ -347,7 +347,7 @@ impl Config {
         } else if max > 1 << 30 {
             bad("limits.max_message_size", "must be at most 1GiB".into());
         }
-        if self.admin.addr == self.listen.addr {
+        if self.admin.addr == self.listen.addr && self.admin.addr.port() != 0 {
             bad("admin.addr", format!("must differ from listen.addr ({})", self.listen.addr));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {

@@ -13,11 +13,16 @@
 //! - `client`, `probe`, `legacy`, `demo`, `bench`: the tools around the sidecar
 
 pub mod admin;
+pub mod bench;
+pub mod client;
 pub mod config;
 pub mod connections;
+pub mod demo;
 pub mod jsonping;
 pub mod keepalive;
+pub mod legacy;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod relay;
 pub mod server;

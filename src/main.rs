@@ -22,6 +22,46 @@ enum Command {
     Run,
     /// Validate the configuration and print the effective configuration
     Check,
+    /// Side-by-side demonstration: a JSON-ping-only client, directly and through wskeep
+    Demo,
+    /// Connection-stability probe: how long does a connection live, and how does it end?
+    Probe(ProbeArgs),
+    /// Load generator and echo upstream for benchmarks
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// ws:// or wss:// URL
+    url: String,
+    /// Accept any server certificate
+    #[arg(long)]
+    insecure: bool,
+    /// Trust this PEM bundle instead of the system roots
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Extra request header, K:V (repeatable)
+    #[arg(long = "header", value_name = "K:V")]
+    headers: Vec<String>,
+    /// Send {"type":"ping"} this often (e.g. 25s)
+    #[arg(long, value_parser = humantime::parse_duration)]
+    json_ping: Option<std::time::Duration>,
+    /// Never answer protocol pings
+    #[arg(long)]
+    no_auto_pong: bool,
+    /// Close (1000) after this long; exit non-zero if the connection ends earlier
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// A neutral echo upstream
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn config_path(cli: &Cli) -> Option<PathBuf> {
@@ -33,7 +73,77 @@ fn main() -> ExitCode {
     match cli.command {
         None | Some(Command::Run) => run(config_path(&cli)),
         Some(Command::Check) => check(config_path(&cli)),
+        Some(Command::Demo) => demo(),
+        Some(Command::Probe(args)) => probe(args),
+        Some(Command::Bench(BenchCommand::Echo { listen })) => echo(listen),
     }
+}
+
+fn demo() -> ExitCode {
+    match runtime().block_on(wskeep::demo::run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn probe(args: ProbeArgs) -> ExitCode {
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        match h.split_once(':') {
+            Some((k, v)) if !k.trim().is_empty() => headers.push((k.trim().to_string(), v.trim().to_string())),
+            _ => {
+                eprintln!("error: --header {h:?} must look like Name: value");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let options = wskeep::probe::ProbeOptions {
+        url: args.url,
+        client: wskeep::client::ClientOptions {
+            insecure: args.insecure,
+            ca_file: args.cacert,
+            headers,
+            timeout: Some(std::time::Duration::from_secs(10)),
+            ..Default::default()
+        },
+        json_ping: args.json_ping,
+        auto_pong: !args.no_auto_pong,
+        duration: args.duration,
+        progress: true,
+    };
+    match runtime().block_on(wskeep::probe::run(&options)) {
+        Ok(report) => {
+            print!("{report}");
+            if report.completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("probe failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn echo(listen: std::net::SocketAddr) -> ExitCode {
+    runtime().block_on(async {
+        match wskeep::bench::echo::start(listen).await {
+            Ok(addr) => {
+                println!("echo upstream listening on {addr}");
+                std::future::pending::<()>().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot listen on {listen}: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {

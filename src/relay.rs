@@ -82,8 +82,8 @@ enum Ending {
 
 /// What one leg gets in the closing phase.
 enum CloseAction {
-    /// It sent a close: flush tungstenite's answer.
-    Answer,
+    /// It sent a close with this code: flush tungstenite's answer, which echoes it.
+    Answer(u16),
     /// Send this close frame (after any message still queued for it), then await its answer.
     Send(Option<CloseFrame>),
     /// The connection is gone: nothing can be written.
@@ -103,8 +103,8 @@ impl Ending {
     fn plan(self) -> (End, CloseAction, CloseAction) {
         use CloseAction::*;
         match self {
-            Ending::Closed(Side::Client, f) => (End::ClientClose, Answer, Send(f)),
-            Ending::Closed(Side::Upstream, f) => (End::UpstreamClose, Send(f), Answer),
+            Ending::Closed(Side::Client, f) => (End::ClientClose, Answer(wire_code(&f)), Send(f)),
+            Ending::Closed(Side::Upstream, f) => (End::UpstreamClose, Send(f), Answer(wire_code(&f))),
             Ending::TimedOut(Side::Client) => (
                 End::ClientTimeout,
                 Send(frame(CloseCode::Away, "client timed out")),
@@ -417,10 +417,10 @@ where
 {
     match action {
         CloseAction::Nothing => (None, None),
-        CloseAction::Answer => {
+        CloseAction::Answer(code) => {
             // tungstenite echoes the peer's close frame; flushing sends it.
-            let _ = tokio::time::timeout(CLOSE_BOUND, leg.ws.flush()).await;
-            (None, None)
+            let flushed = tokio::time::timeout(CLOSE_BOUND, leg.ws.flush()).await;
+            (None, matches!(flushed, Ok(Ok(()))).then_some(code))
         }
         CloseAction::Send(frame) => {
             let code = wire_code(&frame);

@@ -1,0 +1,48 @@
+//! A neutral echo upstream: every text and binary message goes back unchanged, pings are answered
+//! (by tungstenite), closes are answered. Small buffers, so its own memory does not hide the
+//! proxy's in a measurement.
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::proxy::ws::websocket_config;
+
+/// Binds `addr` and echoes on every connection until the runtime ends.
+pub async fn start(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    tokio::spawn(echo(tcp));
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    });
+    Ok(local)
+}
+
+async fn echo(tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    // 64 MiB: the conformance suite's largest cases go through.
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(websocket_config(64 << 20))).await else {
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        let reply = match msg {
+            Message::Text(_) | Message::Binary(_) => msg,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            return;
+        }
+    }
+    // Answer a close (tungstenite queued it) and end.
+    let _ = ws.close(None).await;
+}

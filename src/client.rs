@@ -1,0 +1,496 @@
+//! A frame-level WebSocket client for `probe`, `demo` and `bench`.
+//!
+//! tungstenite queues a pong for every ping it reads, which is exactly what a probe that must
+//! behave like a browser-less JSON-ping client cannot have; so this client writes its own
+//! handshake and frames and leaves every control frame to its caller.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad URL `{0}`: {1}")]
+    Url(String, &'static str),
+    #[error("connect: {0}")]
+    Io(#[from] io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("handshake refused: HTTP {status} {body:?}")]
+    Refused { status: u16, body: String },
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("timed out connecting")]
+    Timeout,
+}
+
+/// How to reach the server.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Accept any server certificate (self-signed test and staging endpoints).
+    pub insecure: bool,
+    /// Trust this PEM bundle instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub headers: Vec<(String, String)>,
+    pub subprotocols: Vec<String>,
+    /// Source address to connect from (spreads ephemeral ports over 127.0.0.x).
+    pub bind: Option<IpAddr>,
+    pub timeout: Option<Duration>,
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The parts of a `ws://` or `wss://` URL the client needs.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, ClientError> {
+        let bad = |why| ClientError::Url(url.to_string(), why);
+        let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(bad("the scheme must be ws:// or wss://")),
+        };
+        let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_string();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path_and_query().map_or("/".to_string(), |p| p.to_string());
+        Ok(Target { tls, host, port, path })
+    }
+}
+
+/// An open WebSocket, split so that reading and writing can proceed independently.
+pub struct Connection {
+    pub reader: FrameReader<ReadHalf<Box<dyn Io>>>,
+    pub writer: FrameWriter<WriteHalf<Box<dyn Io>>>,
+    /// The subprotocol the server chose.
+    pub protocol: Option<String>,
+}
+
+/// Connects, upgrades, and returns the framed connection.
+pub async fn connect(url: &str, options: &ClientOptions) -> Result<Connection, ClientError> {
+    let target = Target::parse(url)?;
+    let tls = if target.tls { Some(tls_connector(options)?) } else { None };
+    connect_target(&target, tls.as_ref(), options).await
+}
+
+pub async fn connect_target(
+    target: &Target,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    options: &ClientOptions,
+) -> Result<Connection, ClientError> {
+    let work = async {
+        let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await?
+            .next()
+            .ok_or_else(|| ClientError::Url(target.host.clone(), "host does not resolve"))?;
+        let tcp = open_tcp(addr, options.bind).await?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match tls {
+            Some(connector) => {
+                let name = ServerName::try_from(target.host.clone()).map_err(|e| ClientError::Tls(e.to_string()))?;
+                Box::new(connector.connect(name, tcp).await.map_err(|e| ClientError::Tls(e.to_string()))?)
+            }
+            None => Box::new(tcp),
+        };
+        handshake(io, target, options).await
+    };
+    match options.timeout {
+        Some(limit) => tokio::time::timeout(limit, work).await.map_err(|_| ClientError::Timeout)?,
+        None => work.await,
+    }
+}
+
+async fn open_tcp(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(ip) = bind else { return TcpStream::connect(addr).await };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
+}
+
+async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions) -> Result<Connection, ClientError> {
+    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+    let default_port = if target.tls { 443 } else { 80 };
+    let host = if target.port == default_port { target.host.clone() } else { format!("{}:{}", target.host, target.port) };
+    let mut request = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
+        target.path
+    );
+    if !options.subprotocols.is_empty() {
+        request.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", options.subprotocols.join(", ")));
+    }
+    for (name, value) in &options.headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    io.write_all(request.as_bytes()).await?;
+    io.flush().await?;
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let (status, accept, protocol, head_len, content_length) = loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(ClientError::Handshake("connection closed during the handshake".into()));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let find = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                };
+                let length = find("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+                break (response.code.unwrap_or(0), find("sec-websocket-accept"), find("sec-websocket-protocol"), len, length);
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
+            Ok(httparse::Status::Partial) => return Err(ClientError::Handshake("response head too large".into())),
+            Err(e) => return Err(ClientError::Handshake(e.to_string())),
+        }
+    };
+    buf.advance(head_len);
+    if status != 101 {
+        // Read what fits of the body for the message (bounded: a refusal page, not a download).
+        let want = content_length.unwrap_or(0).min(64 * 1024);
+        while buf.len() < want {
+            if io.read_buf(&mut buf).await? == 0 {
+                break;
+            }
+        }
+        let body = String::from_utf8_lossy(&buf[..buf.len().min(want.max(buf.len().min(4096)))]).into_owned();
+        return Err(ClientError::Refused { status, body });
+    }
+    if accept.as_deref() != Some(derive_accept_key(key.as_bytes()).as_str()) {
+        return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
+    }
+    let (read, write) = tokio::io::split(io);
+    Ok(Connection {
+        reader: FrameReader { io: read, buf, max_message: 64 << 20, partial: None },
+        writer: FrameWriter { io: write, buf: BytesMut::with_capacity(256) },
+        protocol,
+    })
+}
+
+/// A TLS connector trusting the system roots, a given bundle, or (insecure) anything.
+pub fn tls_connector(options: &ClientOptions) -> Result<tokio_rustls::TlsConnector, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut config = if options.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &options.ca_file {
+            Some(path) => {
+                use rustls::pki_types::pem::PemObject;
+                for cert in CertificateDer::pem_file_iter(path).map_err(|e| ClientError::Tls(e.to_string()))? {
+                    roots.add(cert.map_err(|e| ClientError::Tls(e.to_string()))?).map_err(|e| ClientError::Tls(e.to_string()))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// `--insecure`: the certificate is not checked, only the handshake signatures.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One frame as it came off the wire (unmasked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Bytes,
+}
+
+/// A whole message or a control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Text(Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong(Bytes),
+    /// The close code (none: the frame carried no code) and reason.
+    Close(Option<u16>, String),
+}
+
+pub struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    max_message: usize,
+    /// A fragmented message in progress (control frames may arrive between its fragments).
+    partial: Option<(u8, BytesMut)>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// The next frame; `None` when the connection ended (EOF) between frames.
+    pub async fn read_frame(&mut self) -> io::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.parse()? {
+                return Ok(Some(frame));
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(16 * 1024);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection ended mid-frame"))
+                };
+            }
+        }
+    }
+
+    fn parse(&mut self) -> io::Result<Option<Frame>> {
+        let b = &self.buf[..];
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        let (fin, opcode, masked) = (b[0] & 0x80 != 0, b[0] & 0x0f, b[1] & 0x80 != 0);
+        let (len, mut at) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as u64, 4),
+            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")), 10),
+            126 | 127 => return Ok(None),
+            n => (n as u64, 2),
+        };
+        if len > self.max_message as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "frame larger than the client accepts"));
+        }
+        let mask = if masked {
+            if b.len() < at + 4 {
+                return Ok(None);
+            }
+            at += 4;
+            Some([b[at - 4], b[at - 3], b[at - 2], b[at - 1]])
+        } else {
+            None
+        };
+        let total = at + len as usize;
+        if b.len() < total {
+            self.buf.reserve(total - b.len());
+            return Ok(None);
+        }
+        self.buf.advance(at);
+        let mut payload = self.buf.split_to(len as usize);
+        if let Some(mask) = mask {
+            apply_mask(&mut payload, mask);
+        }
+        Ok(Some(Frame { fin, opcode, payload: payload.freeze() }))
+    }
+
+    /// The next message (fragments joined) or control frame; `None` at EOF.
+    pub async fn read_message(&mut self) -> io::Result<Option<Incoming>> {
+        loop {
+            let Some(frame) = self.read_frame().await? else { return Ok(None) };
+            let partial = &mut self.partial;
+            let complete = match frame.opcode {
+                OP_PING => return Ok(Some(Incoming::Ping(frame.payload))),
+                OP_PONG => return Ok(Some(Incoming::Pong(frame.payload))),
+                OP_CLOSE => {
+                    let p = &frame.payload;
+                    let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                    let reason = String::from_utf8_lossy(p.get(2..).unwrap_or_default()).into_owned();
+                    return Ok(Some(Incoming::Close(code, reason)));
+                }
+                OP_TEXT | OP_BINARY if partial.is_none() => {
+                    if frame.fin {
+                        Some((frame.opcode, frame.payload))
+                    } else {
+                        *partial = Some((frame.opcode, BytesMut::from(&frame.payload[..])));
+                        None
+                    }
+                }
+                OP_CONTINUATION if partial.is_some() => {
+                    let (opcode, mut data) = partial.take().expect("checked above");
+                    data.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        Some((opcode, data.freeze()))
+                    } else {
+                        *partial = Some((opcode, data));
+                        None
+                    }
+                }
+                _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected frame sequence")),
+            };
+            if let Some((opcode, data)) = complete {
+                return Ok(Some(if opcode == OP_TEXT { Incoming::Text(data) } else { Incoming::Binary(data) }));
+            }
+        }
+    }
+}
+
+pub struct FrameWriter<W> {
+    io: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Appends a masked frame to the write buffer; `flush` sends it.
+    pub fn queue(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
+        let len = payload.len();
+        self.buf.reserve(len + 14);
+        self.buf.put_u8(if fin { 0x80 } else { 0 } | opcode);
+        match len {
+            0..=125 => self.buf.put_u8(0x80 | len as u8),
+            126..=65535 => {
+                self.buf.put_u8(0x80 | 126);
+                self.buf.put_u16(len as u16);
+            }
+            _ => {
+                self.buf.put_u8(0x80 | 127);
+                self.buf.put_u64(len as u64);
+            }
+        }
+        let mask = fastrand::u32(..).to_be_bytes();
+        self.buf.put_slice(&mask);
+        let start = self.buf.len();
+        self.buf.put_slice(payload);
+        apply_mask(&mut self.buf[start..], mask);
+    }
+
+    /// Appends raw bytes (hostile-input tests write malformed frames with this).
+    pub fn queue_raw(&mut self, bytes: &[u8]) {
+        self.buf.put_slice(bytes);
+    }
+
+    pub fn queue_close(&mut self, code: Option<u16>, reason: &str) {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        if let Some(code) = code {
+            payload.extend_from_slice(&code.to_be_bytes());
+            payload.extend_from_slice(reason.as_bytes());
+        }
+        self.queue(OP_CLOSE, true, &payload);
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.io.write_all_buf(&mut self.buf).await?;
+        self.io.flush().await
+    }
+
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        self.queue(opcode, true, payload);
+        self.flush().await
+    }
+
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.io.shutdown().await
+    }
+}
+
+fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_through_the_codec() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut writer = FrameWriter { io: a, buf: BytesMut::new() };
+        let mut reader = FrameReader { io: b, buf: BytesMut::new(), max_message: 1 << 20, partial: None };
+        writer.queue(OP_TEXT, false, b"hel");
+        writer.queue(OP_PING, true, b"p");
+        writer.queue(OP_CONTINUATION, true, b"lo");
+        writer.queue(OP_BINARY, true, &vec![7u8; 70_000]);
+        writer.queue_close(Some(4000), "bye");
+        writer.flush().await.unwrap();
+        drop(writer);
+        assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Ping(Bytes::from_static(b"p"))));
+        assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Text(Bytes::from_static(b"hello"))));
+        assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Binary(Bytes::from(vec![7u8; 70_000]))));
+        assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Close(Some(4000), "bye".into())));
+        assert_eq!(reader.read_message().await.unwrap(), None);
+    }
+
+    #[test]
+    fn parses_urls() {
+        let t = Target::parse("wss://example.com/a?b=c").unwrap();
+        assert!(t.tls);
+        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("example.com", 443, "/a?b=c"));
+        assert_eq!(Target::parse("ws://127.0.0.1:9000").unwrap().path, "/");
+        assert!(Target::parse("http://x").is_err());
+    }
+}
