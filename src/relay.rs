@@ -104,7 +104,10 @@ impl Ending {
         use CloseAction::*;
         match self {
             Ending::Closed(Side::Client, f) => (End::ClientClose, Answer(wire_code(&f)), Send(f)),
-            Ending::Closed(Side::Upstream, f) => (End::UpstreamClose, Send(f), Answer(wire_code(&f))),
+            Ending::Closed(Side::Upstream, f) => {
+                let code = wire_code(&f);
+                (End::UpstreamClose, Send(f), Answer(code))
+            }
             Ending::TimedOut(Side::Client) => (
                 End::ClientTimeout,
                 Send(frame(CloseCode::Away, "client timed out")),
