@@ -169,7 +169,7 @@ mod tests {
     #[test]
     fn refuses_bad_upgrades_with_the_right_status() {
         let base = [("connection", "upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13"), ("sec-websocket-key", KEY)];
-        let check = |pairs: &[(&str, &str)], method: Method| validate_upgrade(&method, Version::HTTP_11, &map(pairs)).map_err(|e| e.status);
+        let check = |pairs: &[(&str, &str)], method: Method| validate_upgrade(&method, Version::HTTP_11, &map(pairs)).map(|_| ()).map_err(|e| e.status);
         assert_eq!(check(&base, Method::POST), Err(StatusCode::BAD_REQUEST));
         assert_eq!(check(&base[1..], Method::GET), Err(StatusCode::BAD_REQUEST));
         assert_eq!(check(&[base[0], base[1], ("sec-websocket-version", "8"), base[3]], Method::GET), Err(StatusCode::UPGRADE_REQUIRED));
