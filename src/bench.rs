@@ -1,4 +1,217 @@
 //! `wskeep bench`: the load generator behind the README's figures, and the neutral echo upstream
-//! it measures against.
+//! it measures against. Every scenario is bounded in connections and time, prints a human
+//! summary and ends with one JSON line.
 
 pub mod echo;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::client::{self, ClientOptions, Connection, Incoming, Target, OP_BINARY, OP_PONG, OP_TEXT};
+
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub url: String,
+    pub insecure: bool,
+}
+
+impl Common {
+    fn options(&self, bind: Option<IpAddr>) -> ClientOptions {
+        ClientOptions { insecure: self.insecure, bind, timeout: Some(Duration::from_secs(10)), ..Default::default() }
+    }
+
+    async fn open(&self, bind: Option<IpAddr>) -> Result<Connection, client::ClientError> {
+        client::connect(&self.url, &self.options(bind)).await
+    }
+}
+
+/// Echoed messages per second with `window` messages in flight on each connection.
+pub async fn throughput(
+    common: &Common,
+    conns: usize,
+    size: usize,
+    window: usize,
+    duration: Duration,
+    binary: bool,
+) -> Result<serde_json::Value, client::ClientError> {
+    let echoed = Arc::new(AtomicU64::new(0));
+    let mut connections = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        connections.push(common.open(None).await?);
+    }
+    let start = Instant::now();
+    let stop = start + duration;
+    let payload: Arc<[u8]> = vec![b'x'; size].into();
+    let opcode = if binary { OP_BINARY } else { OP_TEXT };
+    let mut tasks = Vec::new();
+    for conn in connections {
+        let Connection { mut reader, mut writer, .. } = conn;
+        let window = Arc::new(Semaphore::new(window));
+        let (echoed, payload, credits) = (echoed.clone(), payload.clone(), window.clone());
+        let sender = tokio::spawn(async move {
+            while Instant::now() < stop {
+                let Ok(permit) = tokio::time::timeout_at(stop, credits.acquire()).await else { break };
+                let Ok(permit) = permit else { break };
+                permit.forget();
+                writer.queue(opcode, true, &payload);
+                // Batch while credits are available; flush when the window is full.
+                if credits.available_permits() == 0 && writer.flush().await.is_err() {
+                    break;
+                }
+            }
+            let _ = writer.flush().await;
+            writer
+        });
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Ok(Some(msg))) = tokio::time::timeout_at(stop, reader.read_message()).await {
+                if matches!(msg, Incoming::Text(_) | Incoming::Binary(_)) {
+                    echoed.fetch_add(1, Relaxed);
+                    window.add_permits(1);
+                }
+            }
+            if let Ok(mut writer) = sender.await {
+                writer.queue_close(Some(1000), "bench done");
+                let _ = writer.flush().await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = echoed.load(Relaxed);
+    let rate = n as f64 / secs;
+    println!(
+        "throughput: {conns} connections, {size} B {}, window {window}: {n} echoed in {secs:.1}s = {rate:.0} msg/s, {:.1} MB/s",
+        if binary { "binary" } else { "text" },
+        rate * size as f64 / 1e6
+    );
+    Ok(json!({"scenario": "throughput", "conns": conns, "size": size, "window": window, "messages": n,
+        "seconds": secs, "messages_per_second": rate, "megabytes_per_second": rate * size as f64 / 1e6}))
+}
+
+/// Round-trip time percentiles at a fixed aggregate rate, one message in flight per connection.
+pub async fn latency(common: &Common, conns: usize, rate: f64, duration: Duration, size: usize) -> Result<serde_json::Value, client::ClientError> {
+    let mut connections = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        connections.push(common.open(None).await?);
+    }
+    let per_conn = Duration::from_secs_f64(conns as f64 / rate);
+    let start = Instant::now();
+    let stop = start + duration;
+    let payload: Arc<[u8]> = vec![b'x'; size].into();
+    let mut tasks = Vec::new();
+    for (i, mut conn) in connections.into_iter().enumerate() {
+        let payload = payload.clone();
+        // Spread the connections' send times evenly over one period.
+        let first = start + per_conn.mul_f64(i as f64 / conns as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval_at(first, per_conn);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if Instant::now() >= stop {
+                    break;
+                }
+                let sent = Instant::now();
+                if conn.writer.send(OP_TEXT, &payload).await.is_err() {
+                    break;
+                }
+                match conn.reader.read_message().await {
+                    Ok(Some(Incoming::Text(_))) => samples.push(sent.elapsed().as_micros() as u64),
+                    _ => break,
+                }
+            }
+            conn.writer.queue_close(Some(1000), "bench done");
+            let _ = conn.writer.flush().await;
+            samples
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let (p50, p90, p99, p999, max) = (pct(0.5), pct(0.9), pct(0.99), pct(0.999), all.last().copied().unwrap_or(0));
+    println!(
+        "latency: {conns} connections at {rate:.0} msg/s for {duration:?}: {} samples; p50 {p50}µs p90 {p90}µs p99 {p99}µs p99.9 {p999}µs max {max}µs",
+        all.len()
+    );
+    Ok(json!({"scenario": "latency", "conns": conns, "rate": rate, "samples": all.len(),
+        "p50_us": p50, "p90_us": p90, "p99_us": p99, "p999_us": p999, "max_us": max}))
+}
+
+/// Opens `conns` connections (from several 127.0.0.x source addresses), reports the handshake
+/// rate, holds them for `hold` answering pings, and counts those that ended early.
+pub async fn idle(common: &Common, conns: usize, hold: Duration, parallel: usize) -> Result<serde_json::Value, client::ClientError> {
+    let target = Target::parse(&common.url)?;
+    let loopback = target.host.starts_with("127.") || target.host == "localhost";
+    let limiter = Arc::new(Semaphore::new(parallel.max(1)));
+    let lost = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut opening = Vec::with_capacity(conns);
+    for i in 0..conns {
+        // 127.0.0.2 .. 127.0.0.33: about 28k ephemeral ports each.
+        let bind = loopback.then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 32) as u8)));
+        let (common, limiter) = (common.clone(), limiter.clone());
+        opening.push(tokio::spawn(async move {
+            let _permit = limiter.acquire_owned().await.ok()?;
+            common.open(bind).await.ok()
+        }));
+    }
+    let mut open = Vec::with_capacity(conns);
+    for o in opening {
+        match o.await.ok().flatten() {
+            Some(conn) => open.push(conn),
+            None => {
+                failed.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rate = open.len() as f64 / secs;
+    println!("idle: opened {} of {conns} in {secs:.1}s = {rate:.0} handshakes/s; holding for {hold:?}", open.len());
+    let stop = Instant::now() + hold;
+    let pings = Arc::new(AtomicU64::new(0));
+    let mut holders = Vec::with_capacity(open.len());
+    for mut conn in open {
+        let (lost, pings) = (lost.clone(), pings.clone());
+        holders.push(tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout_at(stop, conn.reader.read_message()).await {
+                    Err(_) => break,
+                    Ok(Ok(Some(Incoming::Ping(p)))) => {
+                        pings.fetch_add(1, Relaxed);
+                        if conn.writer.send(OP_PONG, &p).await.is_err() {
+                            lost.fetch_add(1, Relaxed);
+                            return;
+                        }
+                    }
+                    Ok(Ok(Some(_))) => {}
+                    Ok(_) => {
+                        lost.fetch_add(1, Relaxed);
+                        return;
+                    }
+                }
+            }
+            conn.writer.queue_close(Some(1000), "bench done");
+            let _ = conn.writer.flush().await;
+        }));
+    }
+    for h in holders {
+        let _ = h.await;
+    }
+    let (lost, failed, pings) = (lost.load(Relaxed), failed.load(Relaxed), pings.load(Relaxed));
+    println!("idle: {lost} connection(s) lost during the hold, {failed} failed to open, {pings} pings answered");
+    Ok(json!({"scenario": "idle", "conns": conns, "opened": conns as u64 - failed, "failed": failed,
+        "handshakes_per_second": rate, "lost": lost, "pings_answered": pings, "hold_seconds": hold.as_secs_f64()}))
+}

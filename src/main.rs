@@ -62,6 +62,49 @@ enum BenchCommand {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: std::net::SocketAddr,
     },
+    /// Echoed messages per second with a window of messages in flight per connection
+    Throughput {
+        url: String,
+        #[arg(long, default_value_t = 50)]
+        conns: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long)]
+        binary: bool,
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Round-trip percentiles at a fixed aggregate rate
+    Latency {
+        url: String,
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Many idle connections: handshake rate, then hold them (answering pings)
+    Idle {
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        hold: std::time::Duration,
+        /// Handshakes in flight at once
+        #[arg(long, default_value_t = 64)]
+        parallel: usize,
+        #[arg(long)]
+        insecure: bool,
+    },
 }
 
 fn config_path(cli: &Cli) -> Option<PathBuf> {
@@ -76,6 +119,7 @@ fn main() -> ExitCode {
         Some(Command::Demo) => demo(),
         Some(Command::Probe(args)) => probe(args),
         Some(Command::Bench(BenchCommand::Echo { listen })) => echo(listen),
+        Some(Command::Bench(scenario)) => bench(scenario),
     }
 }
 
@@ -125,6 +169,35 @@ fn probe(args: ProbeArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("probe failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(scenario: BenchCommand) -> ExitCode {
+    use wskeep::bench;
+    let result = runtime().block_on(async move {
+        match scenario {
+            BenchCommand::Throughput { url, conns, size, window, duration, binary, insecure } => {
+                bench::throughput(&bench::Common { url, insecure }, conns, size, window, duration, binary).await
+            }
+            BenchCommand::Latency { url, conns, rate, duration, size, insecure } => {
+                bench::latency(&bench::Common { url, insecure }, conns, rate, duration, size).await
+            }
+            BenchCommand::Idle { url, conns, hold, parallel, insecure } => {
+                raise_fd_limit();
+                bench::idle(&bench::Common { url, insecure }, conns, hold, parallel).await
+            }
+            BenchCommand::Echo { .. } => unreachable!("handled by echo()"),
+        }
+    });
+    match result {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian machine (as root). Idempotent.
+#   chromium              the real browser of tests/browser.rs
+#   prometheus, promtool  tests/metrics.rs (a real Prometheus scraping wskeep) and deploy/check.sh
+#   kosoku (PyPI)         the Autobahn|Testsuite cases, tests/conformance/run.sh
+#   kubernetes-validate   deploy/check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+bash deploy/ci-install.sh
+if ! command -v chromium >/dev/null; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends chromium
+fi
+bash tests/conformance/install.sh >/dev/null
+command -v chromium promtool prometheus

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Checks everything in deploy/: run from the repository root (CI does) after deploy/ci-install.sh.
+#
+#   - renders deploy/kubernetes with deploy/tools/mini_kustomize.py and, where kubectl is
+#     installed, with `kubectl kustomize` too; the two renderings must agree;
+#   - validates the Deployment, Service and ConfigMap against the Kubernetes schemas (strict:
+#     unknown fields are errors) with kubernetes-validate, and the wiring wskeep relies on (native
+#     sidecar, probes, preStop drain, ports, Secret, security context, grace period, config keys);
+#   - extracts the PrometheusRule's groups, runs `promtool check rules` and `promtool test rules`
+#     (deploy/prometheus/alerts_test.yaml: every alert fires once and stays quiet once), and checks
+#     deploy/prometheus/wskeep.rules.yaml is the same, runbook anchors exist, and metric names and
+#     labels are those of the metrics contract;
+#   - checks the Grafana dashboard (JSON, every panel has a query, deploy/dashboard_queries.txt is
+#     its list of queries) and runs every query with promtool against the series of a wskeep that
+#     served traffic: each must return data;
+#   - checks deploy/Dockerfile with Docker's own parser;
+#   - runs `wskeep check` on deploy/kubernetes/wskeep.toml when a built wskeep is found
+#     (WSKEEP_BIN=path to choose one, WSKEEP_BIN=skip to skip).
+#
+# Exits non-zero on the first failing step, saying what failed.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+start=$SECONDS
+
+step() { printf '== %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+
+[[ -f deploy/check.sh && -f Cargo.toml ]] || fail "run deploy/check.sh from the repository root"
+command -v promtool >/dev/null || fail "promtool is missing: run deploy/ci-install.sh (Debian package prometheus)"
+"$PYTHON" -c 'import yaml, kubernetes_validate, dockerfile' 2>/dev/null \
+  || fail "Python modules missing (pyyaml, kubernetes-validate, dockerfile): run deploy/ci-install.sh"
+
+step "render deploy/kubernetes (mini_kustomize)"
+"$PYTHON" deploy/tools/mini_kustomize.py deploy/kubernetes > "$tmp/rendered.yaml"
+# kubectl embeds kustomize; only v4 and later hash and order generated objects as mini_kustomize
+# does (Debian's kubernetes-client 1.20 has v2: not compared).
+kustomize_version=
+if command -v kubectl >/dev/null; then
+  kustomize_version=$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\{0,1\}//p' || true)
+fi
+if [[ $kustomize_version =~ ^([4-9]|[1-9][0-9])\. ]]; then
+  step "compare with kubectl kustomize (kustomize $kustomize_version)"
+  kubectl kustomize deploy/kubernetes > "$tmp/kubectl.yaml" || fail "kubectl kustomize deploy/kubernetes failed"
+  "$PYTHON" deploy/tools/deploycheck.py compare "$tmp/kubectl.yaml" "$tmp/rendered.yaml"
+else
+  step "no kubectl with kustomize v4+ here: mini_kustomize's rendering only"
+fi
+
+step "Kubernetes schemas and wiring"
+"$PYTHON" deploy/tools/deploycheck.py manifests "$tmp/rendered.yaml" "$tmp"
+
+step "promtool check rules (PrometheusRule's groups, and deploy/prometheus/wskeep.rules.yaml)"
+promtool check rules "$tmp/wskeep.rules.yaml" deploy/prometheus/wskeep.rules.yaml
+
+step "promtool test rules deploy/prometheus/alerts_test.yaml"
+cp deploy/prometheus/alerts_test.yaml "$tmp/alerts_test.yaml"
+(cd "$tmp" && promtool test rules alerts_test.yaml)
+
+step "alerts: labels, annotations, runbooks, test coverage, metric names"
+"$PYTHON" deploy/tools/deploycheck.py alerts
+
+step "Grafana dashboard and deploy/dashboard_queries.txt"
+"$PYTHON" deploy/tools/deploycheck.py dashboard "$tmp"
+promtool check rules "$tmp/dashboard_rules.yaml"
+(cd "$tmp" && promtool test rules dashboard_test.yaml)
+
+step "deploy/Dockerfile"
+"$PYTHON" deploy/tools/deploycheck.py dockerfile
+
+bin=${WSKEEP_BIN:-}
+if [[ -z $bin ]]; then
+  for candidate in target/release/wskeep target/debug/wskeep; do
+    if [[ -x $candidate ]]; then bin=$candidate; break; fi
+  done
+fi
+if [[ -n $bin && $bin != skip ]]; then
+  step "$bin check --config deploy/kubernetes/wskeep.toml (with a throwaway certificate)"
+  command -v openssl >/dev/null || fail "openssl is needed to make a certificate for wskeep check"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=wskeep.check \
+    -keyout "$tmp/tls.key" -out "$tmp/tls.crt" 2>/dev/null
+  WSKEEP_LISTEN__TLS_CERT="$tmp/tls.crt" WSKEEP_LISTEN__TLS_KEY="$tmp/tls.key" \
+    "$bin" check --config deploy/kubernetes/wskeep.toml > "$tmp/check.out" 2>&1 \
+    || { cat "$tmp/check.out" >&2; fail "wskeep check rejects deploy/kubernetes/wskeep.toml"; }
+else
+  step "no built wskeep found: skipping wskeep check of deploy/kubernetes/wskeep.toml"
+fi
+
+printf 'deploy/check.sh: all checks passed in %ss\n' "$((SECONDS - start))"
