@@ -94,6 +94,12 @@ fn frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
     Some(CloseFrame { code, reason: reason.into() })
 }
 
+/// 1014 (Bad Gateway), which DESIGN.md sends the client when the upstream fails. tungstenite has
+/// no variant for it (`CloseCode::Again` is 1013), so it is built from the number.
+fn bad_gateway() -> CloseCode {
+    CloseCode::from(1014)
+}
+
 fn wire_code(frame: &Option<CloseFrame>) -> u16 {
     frame.as_ref().map_or(1005, |f| u16::from(f.code))
 }
@@ -115,12 +121,12 @@ impl Ending {
             ),
             Ending::TimedOut(Side::Upstream) => (
                 End::UpstreamTimeout,
-                Send(frame(CloseCode::Again, "upstream timed out")),
+                Send(frame(bad_gateway(), "upstream timed out")),
                 Send(frame(CloseCode::Away, "upstream timed out")),
             ),
             Ending::Lost(Side::Client) => (End::ClientError, Nothing, Send(frame(CloseCode::Away, "client gone"))),
             Ending::Lost(Side::Upstream) => {
-                (End::UpstreamError, Send(frame(CloseCode::Again, "upstream connection lost")), Nothing)
+                (End::UpstreamError, Send(frame(bad_gateway(), "upstream connection lost")), Nothing)
             }
             Ending::Refused(Side::Client, code, reason) => {
                 (End::ClientError, Send(frame(code, reason)), Send(frame(CloseCode::Away, "client gone")))
