@@ -98,7 +98,7 @@ fn print_side_by_side(direct: &ProbeReport, through: &ProbeReport) {
         ("protocol pings seen", direct.pings_received.to_string(), through.pings_received.to_string()),
         ("protocol pongs sent", direct.pongs_sent.to_string(), through.pongs_sent.to_string()),
     ];
-    println!("{:<22}{:<34}{}", "", "direct", "through wskeep");
+    println!("{:<22}{:<34}through wskeep", "", "direct");
     for (name, a, b) in rows {
         println!("{name:<22}{a:<34}{b}");
     }
