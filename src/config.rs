@@ -350,7 +350,19 @@ impl Config {
         if self.admin.addr == self.listen.addr && self.admin.addr.port() != 0 {
             bad("admin.addr", format!("must differ from listen.addr ({})", self.listen.addr));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+        // EnvFilter reads a bare word as a target name ("warnig" would log nothing of wskeep's),
+        // so a directive without `=` must be a level; targets are written `target=level`.
+        let bare = self.log.level.split(',').map(str::trim).find(|d| {
+            !d.is_empty()
+                && !d.contains(['=', '['])
+                && d.parse::<tracing_subscriber::filter::LevelFilter>().is_err()
+        });
+        if let Some(word) = bare {
+            bad(
+                "log.level",
+                format!("`{word}` is not a level (off, error, warn, info, debug, trace); filters are `target=level`"),
+            );
+        } else if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             bad("log.level", format!("not a level or filter: {e}"));
         }
         p

@@ -199,7 +199,8 @@ async fn serve_upstream(tcp: TcpStream, seen: Arc<Mutex<Vec<SeenRequest>>>, clos
     let mut path = String::new();
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         path = req.uri().path().to_string();
-        let headers = req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+        let headers =
+            req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
         seen.lock().unwrap().push(SeenRequest { uri: req.uri().to_string(), headers });
         if path == "/refuse" {
             let mut refusal = ErrorResponse::new(Some("forbidden by upstream".into()));

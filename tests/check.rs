@@ -1,0 +1,276 @@
+//! `wskeep check`, driven as the real binary: every validation error exits 1 and names its key,
+//! several problems are all listed, a valid file prints the effective configuration, and the
+//! environment (`WSKEEP_<SECTION>__<KEY>`, `WSKEEP_CONFIG`) is applied as documented.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const VALID: &str = "[upstream]\nurl = \"ws://127.0.0.1:9000\"\n";
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().expect("exited, not killed"),
+            stdout: String::from_utf8(out.stdout).unwrap(),
+            stderr: String::from_utf8(out.stderr).unwrap(),
+        }
+    }
+}
+
+/// `wskeep check` with a clean WSKEEP_* environment plus `env`, and `args` after `check`.
+fn wskeep_check(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wskeep"));
+    cmd.arg("check").args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WSKEEP_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("the binary runs").into()
+}
+
+/// Writes `text` to a fresh file and checks it.
+fn check_text(text: &str, env: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wskeep.toml");
+    std::fs::write(&path, text).unwrap();
+    wskeep_check(&["--config", path.to_str().unwrap()], env)
+}
+
+/// Asserts the run failed with exit code 1 and that the problem list names `key` with `words`.
+fn assert_problem(run: &Run, key: &str, words: &str) {
+    assert_eq!(run.code, 1, "expected exit 1\nstdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("- {key}:")))
+        .unwrap_or_else(|| panic!("no problem for {key}:\n{}", run.stderr));
+    assert!(line.contains(words), "the problem for {key} should mention {words:?}: {line}");
+    assert!(run.stdout.is_empty(), "no effective configuration on error: {}", run.stdout);
+}
+
+fn tls_lines(cert: &Path, key: &Path) -> String {
+    format!("[listen]\ntls_cert = {:?}\ntls_key = {:?}\n", cert.display().to_string(), key.display().to_string())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+// === TLS ===
+
+#[test]
+fn a_missing_certificate_file_is_named() {
+    let cert = common::test_cert();
+    let missing = cert.dir.path().join("nope.crt");
+    let run = check_text(&format!("{}{VALID}", tls_lines(&missing, &cert.key)), &[]);
+    assert_problem(&run, "listen.tls_cert", "nope.crt");
+}
+
+#[test]
+fn a_key_that_does_not_match_the_certificate_is_named() {
+    let cert = common::test_cert();
+    let (_, other_key) = common::cert_pair(&[0x02]);
+    let key = write(cert.dir.path(), "other.key", &other_key);
+    let run = check_text(&format!("{}{VALID}", tls_lines(&cert.cert, &key)), &[]);
+    assert_problem(&run, "listen.tls_key", "does not match");
+}
+
+#[test]
+fn a_certificate_without_a_key_is_refused() {
+    let cert = common::test_cert();
+    let text = format!("[listen]\ntls_cert = {:?}\n{VALID}", cert.cert.display().to_string());
+    assert_problem(&check_text(&text, &[]), "listen.tls_key", "listen.tls_cert");
+    let text = format!("[listen]\ntls_key = {:?}\n{VALID}", cert.key.display().to_string());
+    assert_problem(&check_text(&text, &[]), "listen.tls_cert", "listen.tls_key");
+}
+
+#[test]
+fn a_valid_tls_pair_passes() {
+    let cert = common::test_cert();
+    let run = check_text(&format!("{}{VALID}", tls_lines(&cert.cert, &cert.key)), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains(&format!("tls_cert = {:?}", cert.cert.display().to_string())), "{}", run.stdout);
+}
+
+// === values ===
+
+#[test]
+fn bad_upstream_urls_are_named() {
+    let url = |u: &str| check_text(&format!("[upstream]\nurl = {u:?}\n"), &[]);
+    assert_problem(&url("ws://bad host:1"), "upstream.url", "not a URL");
+    assert_problem(&url("wss://127.0.0.1:9000"), "upstream.url", "TLS");
+    assert_problem(&url("ws://127.0.0.1:9000/chat"), "upstream.url", "path");
+    assert_problem(&url("ws://127.0.0.1:9000/?a=1"), "upstream.url", "query");
+    assert_problem(&url("ftp://127.0.0.1:9000"), "upstream.url", "ws://");
+}
+
+#[test]
+fn zero_limits_are_refused() {
+    let run = check_text(&format!("[listen]\nmax_connections = 0\n{VALID}"), &[]);
+    assert_problem(&run, "listen.max_connections", "at least 1");
+    let run = check_text(&format!("{VALID}[limits]\nmax_message_size = 0\n"), &[]);
+    assert_problem(&run, "limits.max_message_size", "above 0");
+    let run = check_text(&format!("{VALID}[limits]\nmax_message_size = \"0KiB\"\n"), &[]);
+    assert_problem(&run, "limits.max_message_size", "above 0");
+}
+
+#[test]
+fn keepalive_timeouts_must_outlast_the_ping_interval() {
+    let run = check_text(&format!("{VALID}[client_keepalive]\nping_interval = \"20s\"\ntimeout = \"20s\"\n"), &[]);
+    assert_problem(&run, "client_keepalive.timeout", "ping_interval");
+    let run = check_text(&format!("{VALID}[client_keepalive]\nping_interval = \"20s\"\ntimeout = \"5s\"\n"), &[]);
+    assert_problem(&run, "client_keepalive.timeout", "ping_interval");
+    let run = check_text(&format!("{VALID}[upstream_keepalive]\nping_interval = \"10s\"\ntimeout = \"10s\"\n"), &[]);
+    assert_problem(&run, "upstream_keepalive.timeout", "ping_interval");
+    let run = check_text(&format!("{VALID}[upstream_keepalive]\nping_interval = \"10s\"\ntimeout = \"9s\"\n"), &[]);
+    assert_problem(&run, "upstream_keepalive.timeout", "ping_interval");
+    // Longer passes.
+    let run = check_text(&format!("{VALID}[upstream_keepalive]\nping_interval = \"10s\"\ntimeout = \"11s\"\n"), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
+#[test]
+fn max_connections_beyond_the_descriptor_limit_is_refused() {
+    // Run under a known hard limit, so the result does not depend on the machine's.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "wskeep.toml", &format!("[listen]\nmax_connections = 1000000\n{VALID}"));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 4096 && exec \"$0\" check --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_wskeep"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_problem(&out.into(), "listen.max_connections", "file-descriptor");
+}
+
+#[test]
+fn unknown_keys_and_sections_are_errors() {
+    assert_problem(&check_text(&format!("{VALID}bogus = 1\n"), &[]), "upstream.bogus", "unknown key");
+    assert_problem(&check_text(&format!("{VALID}[nope]\nx = 1\n"), &[]), "nope", "unknown section");
+}
+
+#[test]
+fn bad_durations_sizes_and_levels_are_named() {
+    let run = check_text("[upstream]\nurl = \"ws://127.0.0.1:9000\"\nconnect_timeout = \"5 parsecs\"\n", &[]);
+    assert_problem(&run, "upstream.connect_timeout", "");
+    let run = check_text(&format!("{VALID}[limits]\nmax_message_size = \"12 parsecs\"\n"), &[]);
+    assert_problem(&run, "limits.max_message_size", "not a size");
+    for level in ["loud", "warnig", "info=verbose", "[["] {
+        let run = check_text(&format!("{VALID}[log]\nlevel = {level:?}\n"), &[]);
+        assert_problem(&run, "log.level", "");
+    }
+    // Levels and filters that are valid pass.
+    for level in ["debug", "WARN", "wskeep=debug,info", "off"] {
+        let run = check_text(&format!("{VALID}[log]\nlevel = {level:?}\n"), &[]);
+        assert_eq!(run.code, 0, "{level}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn every_problem_in_a_file_is_listed() {
+    let text = "[listen]\nmax_connections = 0\nbogus = true\n\
+                [upstream]\nurl = \"wss://orchestrator:443\"\nconnect_timeout = \"soon\"\n\
+                [limits]\nmax_message_size = \"lots\"\n\
+                [log]\nlevel = \"info=verbose\"\n\
+                [extra]\nx = 1\n";
+    let run = check_text(text, &[]);
+    let keys = [
+        "listen.max_connections",
+        "listen.bogus",
+        "upstream.url",
+        "upstream.connect_timeout",
+        "limits.max_message_size",
+        "log.level",
+        "extra",
+    ];
+    for key in keys {
+        assert_problem(&run, key, "");
+    }
+    assert!(run.stderr.contains(&format!("({} problem(s))", keys.len())), "{}", run.stderr);
+}
+
+#[test]
+fn a_missing_config_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.toml");
+    let run = wskeep_check(&["--config", missing.to_str().unwrap()], &[]);
+    assert_problem(&run, "--config", "absent.toml");
+}
+
+// === a valid file and the environment ===
+
+#[test]
+fn a_valid_file_prints_the_effective_configuration() {
+    let run = check_text(&format!("{VALID}[client_keepalive]\nping_interval = \"15s\"\n"), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // What the file set, and the defaults for the rest, as TOML that reads back.
+    let effective: toml::Table = run.stdout.parse().expect("the effective configuration is TOML");
+    assert_eq!(effective["upstream"]["url"].as_str(), Some("ws://127.0.0.1:9000"));
+    assert_eq!(effective["client_keepalive"]["ping_interval"].as_str(), Some("15s"));
+    assert_eq!(effective["shutdown"]["drain_timeout"].as_str(), Some("25s"));
+    assert_eq!(effective["limits"]["max_message_size"].as_str(), Some("1MiB"));
+    assert_eq!(effective["listen"]["max_connections"].as_integer(), Some(10000));
+    // And the printed configuration itself passes check.
+    let again = check_text(&run.stdout, &[]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.stdout, run.stdout);
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let env = [("WSKEEP_UPSTREAM__URL", "ws://127.0.0.1:9100"), ("WSKEEP_LIMITS__MAX_MESSAGE_SIZE", "4MiB")];
+    let run = check_text(VALID, &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("url = \"ws://127.0.0.1:9100\""), "{}", run.stdout);
+    assert!(run.stdout.contains("max_message_size = \"4MiB\""), "{}", run.stdout);
+    // A bad value from the environment is named like one from the file.
+    let run = check_text(VALID, &[("WSKEEP_UPSTREAM__URL", "wss://127.0.0.1:9100")]);
+    assert_problem(&run, "upstream.url", "TLS");
+}
+
+#[test]
+fn variables_without_a_section_separator_are_ignored() {
+    // Kubernetes injects these for a Service named wskeep; read as configuration they would be
+    // unknown sections.
+    let env = [("WSKEEP_PORT", "1234"), ("WSKEEP_SERVICE_HOST", "10.0.0.1")];
+    let run = check_text(VALID, &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(!run.stdout.contains("1234"), "{}", run.stdout);
+}
+
+#[test]
+fn wskeep_config_names_the_file_when_config_is_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "from-env.toml", "[upstream]\nurl = \"ws://127.0.0.1:9200\"\n");
+    let run = wskeep_check(&[], &[("WSKEEP_CONFIG", path.to_str().unwrap())]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("url = \"ws://127.0.0.1:9200\""), "{}", run.stdout);
+    // --config wins over WSKEEP_CONFIG.
+    let other = write(dir.path(), "flag.toml", "[upstream]\nurl = \"ws://127.0.0.1:9300\"\n");
+    let run = wskeep_check(&["--config", other.to_str().unwrap()], &[("WSKEEP_CONFIG", path.to_str().unwrap())]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("url = \"ws://127.0.0.1:9300\""), "{}", run.stdout);
+    // And a bad file named by WSKEEP_CONFIG fails like one named by --config.
+    let bad = write(dir.path(), "bad.toml", "[upstream]\nurl = \"wss://x:1\"\n");
+    assert_problem(&wskeep_check(&[], &[("WSKEEP_CONFIG", bad.to_str().unwrap())]), "upstream.url", "TLS");
+}
+
+#[test]
+fn the_shipped_example_passes_check() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/wskeep.toml");
+    let run = wskeep_check(&["--config", example.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 0, "config/wskeep.toml must pass check:\n{}", run.stderr);
+    assert!(run.stderr.contains("configuration OK"), "{}", run.stderr);
+}
