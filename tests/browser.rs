@@ -1,0 +1,296 @@
+//! A real browser: headless Chromium runs a page whose JavaScript behaves like the voice-agent
+//! client of DESIGN.md (JSON pings only, less often than the intermediary's idle cut) over
+//! `wss://` through an idle-cutting TCP proxy to wskeep, in front of the legacy upstream.
+//! Browsers answer protocol pings by themselves: with wskeep's client pings on, the connection
+//! survives the idle cut and the upstream's pong-only deadline; with them off it is cut (1006).
+//!
+//! Needs Debian's `chromium` at /usr/bin/chromium; the test fails (it does not skip) without it.
+
+mod common;
+mod idle_proxy;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use wskeep::legacy::{self, LegacyOptions};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// The legacy upstream's read deadline (the orchestrator's 60 s, scaled).
+const DEADLINE: Duration = Duration::from_secs(1);
+/// The intermediary's idle cut.
+const IDLE_CUT: Duration = Duration::from_millis(500);
+/// The page's JSON ping period: less often than the idle cut.
+const JSON_PING: Duration = Duration::from_millis(700);
+
+/// The page: opens one connection per `conn` parameter (`label:port`), sends a JSON ping every
+/// `every` ms, and after `run_for` ms (or when the connection ends) POSTs what it saw to /result.
+const PAGE: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>wskeep browser test</title></head><body><script>
+"use strict";
+const params = new URLSearchParams(location.search);
+const RUN_FOR = Number(params.get("run_for"));
+const EVERY = Number(params.get("every"));
+function report(result) {
+  return fetch("/result", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(result) });
+}
+window.onerror = (message) => { report({ label: "page-error", message: String(message) }); };
+function connect(label, port) {
+  const r = { label, opened: false, pings: 0, pongs: 0, bad_pongs: 0, code: null, reason: "",
+              was_clean: null, lifetime_ms: null, alive_at_end: false, errors: 0 };
+  let openedAt = null, timer = null, done = false;
+  const finish = () => {
+    if (done) return;
+    done = true;
+    clearInterval(timer);
+    r.lifetime_ms = openedAt === null ? null : Math.round(performance.now() - openedAt);
+    report(r);
+  };
+  const ws = new WebSocket("wss://127.0.0.1:" + port + "/");
+  ws.onopen = () => {
+    r.opened = true;
+    openedAt = performance.now();
+    timer = setInterval(() => {
+      r.pings += 1;
+      ws.send(JSON.stringify({ type: "ping", id: r.pings }));
+    }, EVERY);
+    setTimeout(() => {
+      clearInterval(timer);
+      // Give the last pong time to arrive, then report a connection that is still open.
+      setTimeout(() => {
+        if (done) return;
+        r.alive_at_end = ws.readyState === WebSocket.OPEN;
+        finish();
+        ws.close(1000, "done");
+      }, 300);
+    }, RUN_FOR);
+  };
+  ws.onmessage = (event) => {
+    let m = null;
+    try { m = JSON.parse(event.data); } catch (_) {}
+    if (m && m.type === "pong" && m.id === r.pongs + 1) r.pongs += 1; else r.bad_pongs += 1;
+  };
+  ws.onerror = () => { r.errors += 1; };
+  ws.onclose = (event) => {
+    r.code = event.code;
+    r.reason = event.reason;
+    r.was_clean = event.wasClean;
+    finish();
+  };
+}
+for (const spec of params.getAll("conn")) {
+  const [label, port] = spec.split(":");
+  connect(label, port);
+}
+</script></body></html>
+"#;
+
+/// Serves the page and forwards every POSTed result.
+async fn serve_page(results: mpsc::UnboundedSender<Value>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve_http(tcp, results.clone()));
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 request per connection: GET /page, POST /result, anything else 404.
+async fn serve_http(mut tcp: TcpStream, results: mpsc::UnboundedSender<Value>) {
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let mut request_line = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (request_line.next().unwrap_or(""), request_line.next().unwrap_or(""));
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[head_end..].to_vec();
+    while body.len() < length {
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let (status, content_type, content) = match (method, target.split('?').next().unwrap_or("")) {
+        ("GET", "/page") => ("200 OK", "text/html; charset=utf-8", PAGE),
+        ("POST", "/result") => {
+            let value = serde_json::from_slice(&body[..length]).unwrap_or_else(|e| {
+                Value::String(format!("unparsable result ({e}): {}", String::from_utf8_lossy(&body)))
+            });
+            let _ = results.send(value);
+            ("200 OK", "text/plain", "ok")
+        }
+        _ => ("404 Not Found", "text/plain", "not found"),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+         Connection: close\r\n\r\n{content}",
+        content.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// Headless Chromium in its own process group; killed (group and process, by id) when dropped.
+struct Browser {
+    child: Child,
+    _profile: tempfile::TempDir,
+    log: std::path::PathBuf,
+}
+
+impl Browser {
+    fn launch(url: &str) -> Browser {
+        assert!(
+            Path::new(CHROMIUM).exists(),
+            "{CHROMIUM} is missing: this test needs a real browser (apt-get install -y chromium)"
+        );
+        let profile = tempfile::tempdir().unwrap();
+        let log = profile.path().join("chromium.log");
+        let user_data = profile.path().join("profile");
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--ignore-certificate-errors",
+            ])
+            .arg(format!("--user-data-dir={}", user_data.display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {CHROMIUM}: {e}"));
+        Browser { child, _profile: profile, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // SIGTERM first: Chromium then ends and reaps its helper processes itself. Whatever is
+        // left after a bounded wait is killed with the whole process group (its id).
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).stderr(Stdio::null()).status();
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let group = format!("-{pid}");
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The legacy upstream, wskeep (TLS) in front of it with this client keepalive, and the
+/// idle-cutting proxy in front of wskeep.
+struct Chain {
+    stats: std::sync::Arc<wskeep::legacy::LegacyStats>,
+    sidecar: common::Sidecar,
+    proxy: idle_proxy::IdleProxy,
+}
+
+async fn chain(cert: &common::TestCert, client_keepalive: &str) -> Chain {
+    let (upstream, stats) =
+        legacy::start(([127, 0, 0, 1], 0).into(), LegacyOptions::with_deadline(DEADLINE)).await.unwrap();
+    let sidecar = common::start_sidecar(common::test_config(upstream, Some(cert), client_keepalive)).await;
+    let proxy = idle_proxy::start(sidecar.addr, IDLE_CUT).await;
+    Chain { stats, sidecar, proxy }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_json_pings_survive_the_idle_cut_only_with_client_pings() {
+    let cert = common::test_cert();
+    let cut = chain(&cert, "[client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n").await;
+    let kept = chain(&cert, "[client_keepalive]\nping_interval = \"200ms\"\ntimeout = \"2s\"\n").await;
+    let (results_tx, mut results) = mpsc::unbounded_channel();
+    let page = serve_page(results_tx).await;
+    let run_for = DEADLINE * 10;
+    let url = format!(
+        "http://127.0.0.1:{}/page?run_for={}&every={}&conn=cut:{}&conn=kept:{}",
+        page.port(),
+        run_for.as_millis(),
+        JSON_PING.as_millis(),
+        cut.proxy.addr.port(),
+        kept.proxy.addr.port(),
+    );
+    let browser = Browser::launch(&url);
+
+    let mut by_label = std::collections::HashMap::new();
+    let limit = run_for + Duration::from_secs(20);
+    let collected = tokio::time::timeout(limit, async {
+        while by_label.len() < 2 {
+            let Some(result) = results.recv().await else { break };
+            let label = result["label"].as_str().unwrap_or("?").to_string();
+            assert_ne!(label, "page-error", "the page failed: {result}");
+            by_label.insert(label, result);
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "the page reported {by_label:?} within {limit:?}\nchromium's log:\n{}", browser.log());
+    let (cut_result, kept_result) = (&by_label["cut"], &by_label["kept"]);
+
+    // Without wskeep's pings, JSON pings every 700 ms leave 500 ms idle gaps: the proxy cuts it.
+    assert_eq!(cut_result["opened"], true, "{cut_result}");
+    assert_eq!(cut_result["code"], 1006, "the browser sees the cut as 1006: {cut_result}");
+    assert_eq!(cut_result["alive_at_end"], false, "{cut_result}");
+    let lifetime = cut_result["lifetime_ms"].as_u64().unwrap_or(0);
+    assert!(lifetime < 3000, "cut at the first idle period, not after {lifetime} ms: {cut_result}");
+    assert_eq!(cut.proxy.cuts(), 1, "the intermediary cut the connection");
+    // wskeep saw the client vanish and told the upstream (1001), no bare drop.
+    let told = tokio::time::timeout(Duration::from_secs(3), async {
+        while !cut.stats.closes_received.lock().unwrap().contains(&1001) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(told.await.is_ok(), "upstream closes: {:?}", cut.stats.closes_received.lock().unwrap());
+
+    // With them, the browser answers every ping, the proxy never sees an idle period, and
+    // wskeep's answers to the upstream's pings keep the legacy deadline from firing.
+    assert_eq!(kept_result["opened"], true, "{kept_result}");
+    assert_eq!(kept_result["alive_at_end"], true, "open after 10 deadlines: {kept_result}");
+    assert_eq!(kept_result["code"], Value::Null, "{kept_result}");
+    let pings = kept_result["pings"].as_u64().unwrap();
+    assert!(pings >= 12, "JSON pings every 700 ms for 10 s: {kept_result}");
+    assert_eq!(kept_result["pongs"].as_u64(), Some(pings), "every JSON pong received: {kept_result}");
+    assert_eq!(kept_result["bad_pongs"], 0, "{kept_result}");
+    assert_eq!(kept.proxy.cuts(), 0);
+    assert_eq!(kept.stats.deadlines_fired.load(Relaxed), 0, "the upstream's read deadline fired");
+    assert_eq!(kept.stats.json_pings_answered.load(Relaxed), 0, "wskeep answers the JSON pings");
+    let text = common::scrape(kept.sidecar.admin).await;
+    let browser_pongs = common::metric(&text, r#"wskeep_pongs_received_total{side="client"}"#);
+    assert!(browser_pongs >= 30.0, "the browser answered wskeep's pings ({browser_pongs})\n{text}");
+    assert_eq!(common::metric(&text, "wskeep_json_pings_answered_total"), pings as f64);
+    drop(browser);
+}
