@@ -362,7 +362,9 @@ where
         }
     };
     tracing::debug!(conn = conn.id, ending = ?ending, "connection ending");
-    finish(legs, ending, metrics).await
+    // Boxed: the closing phase is large and short-lived; keeping it out of the relay future keeps
+    // every idle connection small.
+    Box::pin(finish(legs, ending, metrics)).await
 }
 
 /// Reads the next message from a leg whose destination has room for it.
