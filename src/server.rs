@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -32,6 +32,10 @@ pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
 const REJECT_SLOTS: usize = 256;
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Connections the kernel queues for the accept loop. tokio (mio) listens with std's 128, which a
+/// burst of connects overflows while the loop waits for a CPU: the dropped handshakes are retried
+/// by the clients only a second later. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
 
 pub struct Server {
     shared: Arc<Shared>,
@@ -53,8 +57,7 @@ pub enum StartError {
 impl Server {
     /// Binds the proxy and admin listeners (port 0 picks a free port) and loads TLS material.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let listener = TcpListener::bind(config.listen.addr)
-            .await
+        let listener = bind_listener(config.listen.addr)
             .map_err(|source| StartError::Bind { key: "listen.addr", addr: config.listen.addr, source })?;
         let admin = TcpListener::bind(config.admin.addr)
             .await
@@ -173,6 +176,14 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
     }
 }
 
+/// Binds the proxy listener with `LISTEN_BACKLOG` (`TcpListener::bind` would use 128).
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 fn is_resource_error(e: &io::Error) -> bool {
     // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12
     matches!(e.raw_os_error(), Some(24) | Some(23) | Some(105) | Some(12))
@@ -224,6 +235,11 @@ async fn serve_connection(
             Admission::OverLimit(_) => None,
         };
         async move {
+            // hyper's `max_buf_size` only bounds a head that is still incomplete: one that arrives
+            // in a large read can be parsed past it, so the size is checked here as well.
+            if request_head_len(&req) > MAX_REQUEST_HEAD {
+                return Ok(head_too_large(&req, &shared));
+            }
             match admitted {
                 Some(meta) => proxy::handle(req, shared, meta).await,
                 None => Ok(over_limit(&req, &shared)),
@@ -265,6 +281,31 @@ async fn serve_connection(
             _ = &mut closing => return,
         }
     }
+}
+
+/// The size of a request head as sent, at least: request line and header lines (httparse has
+/// trimmed the whitespace around values).
+fn request_head_len<B>(req: &hyper::Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len() + uri.scheme_str().map_or(0, |s| s.len() + 3));
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + 2 + v.len() + 2).sum();
+    line + headers + 2
+}
+
+/// 431 for a head over `MAX_REQUEST_HEAD`, as hyper answers one it stops reading.
+fn head_too_large<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<proxy::Body> {
+    let status = hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    if proxy::headers::wants_websocket(req.headers()) {
+        shared.metrics.upgrade_failed(UpgradeFailure::BadRequest);
+        crate::telemetry::upgrade_failure(UpgradeFailure::BadRequest, "request head over 32 KiB");
+    } else {
+        shared.metrics.http_request(status);
+    }
+    let mut response = proxy::text(status, "request head too large\n");
+    response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    response
 }
 
 fn over_limit<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<proxy::Body> {
