@@ -45,7 +45,7 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) 
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "upstream HTTP request failed");
-            if e.is_connect() && format!("{e:?}").contains("timed out") {
+            if timed_out(&e) {
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
             } else {
                 text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
@@ -53,4 +53,17 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) 
         }
         Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
     }
+}
+
+/// Whether the connector gave up on `upstream.connect_timeout` (an `io::ErrorKind::TimedOut`
+/// somewhere in the error's source chain).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
