@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connections::ConnInfo;
@@ -232,7 +232,7 @@ pub async fn run<S>(
     settings: &RelaySettings,
     metrics: &Metrics,
     conn: &ConnInfo,
-    closing: WaitForCancellationFutureOwned,
+    closing: CancellationToken,
 ) -> Outcome
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
@@ -254,13 +254,22 @@ where
             Keepalive::new(settings.upstream_ping, settings.upstream_pong, settings.upstream_timeout),
         ),
     ];
-    let mut closing = std::pin::pin!(closing);
+    // Every relay shares one token, and polling its future takes the token's lock each time; so
+    // the future is polled once, to register this task's waker, and afterwards only the flag is
+    // read (a task's waker stays the same for its whole life).
+    let mut close_signal = std::pin::pin!(closing.clone().cancelled_owned());
+    let mut close_registered = false;
     let mut client_first = true;
     let mut since_flush = 0u32;
 
     let ending = loop {
         let event = poll_fn(|cx| {
-            if closing.as_mut().poll(cx).is_ready() {
+            if !close_registered {
+                close_registered = true;
+                if close_signal.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Shutdown);
+                }
+            } else if closing.is_cancelled() {
                 return Poll::Ready(Event::Shutdown);
             }
             for leg in &mut legs {

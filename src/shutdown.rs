@@ -86,6 +86,11 @@ impl Drain {
         self.inner.closing.clone().cancelled_owned()
     }
 
+    /// The close phase as a token, for loops that check it cheaply on every turn.
+    pub fn closing_token(&self) -> CancellationToken {
+        self.inner.closing.clone()
+    }
+
     pub fn exit_requested(&self) -> impl Future<Output = ()> + Send + 'static {
         self.inner.exit.clone().cancelled_owned()
     }

@@ -194,7 +194,7 @@ async fn relay_task(client: OnUpgrade, upstream: OnUpgrade, shared: Arc<Shared>,
     metrics.connections_active.inc();
     let guard = shared.connections.open(meta.peer, path);
     let conn = &guard.info;
-    let outcome = relay::run(client, upstream, &shared.relay, metrics, conn, shared.drain.closing()).await;
+    let outcome = relay::run(client, upstream, &shared.relay, metrics, conn, shared.drain.closing_token()).await;
     let duration = conn.started.elapsed();
     metrics.connections_active.dec();
     metrics.connection_ended(outcome.end, duration.as_secs_f64());
