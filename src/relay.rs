@@ -261,6 +261,9 @@ where
     let mut close_registered = false;
     let mut client_first = true;
     let mut since_flush = 0u32;
+    // One clock read per batch of reads, not per message: a frame's arrival time only needs to
+    // be as fine as the batch it came in.
+    let mut batch_clock: Option<Instant> = None;
 
     let ending = loop {
         let event = poll_fn(|cx| {
@@ -294,6 +297,7 @@ where
             }
             // Nothing more to read right now (or a long run of reads): write out what they made.
             since_flush = 0;
+            batch_clock = None;
             for leg in &mut legs {
                 if leg.poll_flush(cx).is_err() {
                     return Poll::Ready(Event::WriteFailed(leg.side));
@@ -327,7 +331,7 @@ where
                 break read_failure(side, &e);
             }
             Event::Read(side, Some(Ok(msg))) => {
-                let now = Instant::now();
+                let now = *batch_clock.get_or_insert_with(Instant::now);
                 let src = side as usize;
                 legs[src].keepalive.saw_frame(now);
                 conn.saw_frame(side, now.into_std());

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -33,15 +33,27 @@ async fn echo(tcp: TcpStream) {
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(websocket_config(64 << 20))).await else {
         return;
     };
-    while let Some(Ok(msg)) = ws.next().await {
-        let reply = match msg {
-            Message::Text(_) | Message::Binary(_) => msg,
+    let mut next = ws.next().await;
+    while let Some(Ok(msg)) = next {
+        match msg {
+            Message::Text(_) | Message::Binary(_) => {
+                if ws.feed(msg).await.is_err() {
+                    return;
+                }
+            }
             Message::Close(_) => break,
-            _ => continue,
-        };
-        if ws.send(reply).await.is_err() {
-            return;
+            _ => {}
         }
+        // Echo what has already arrived in one write, as a server under load would.
+        next = match ws.next().now_or_never() {
+            Some(item) => item,
+            None => {
+                if ws.flush().await.is_err() {
+                    return;
+                }
+                ws.next().await
+            }
+        };
     }
     // Answer a close (tungstenite queued it) and end.
     let _ = ws.close(None).await;
