@@ -97,7 +97,13 @@ pub async fn throughput(
 }
 
 /// Round-trip time percentiles at a fixed aggregate rate, one message in flight per connection.
-pub async fn latency(common: &Common, conns: usize, rate: f64, duration: Duration, size: usize) -> Result<serde_json::Value, client::ClientError> {
+pub async fn latency(
+    common: &Common,
+    conns: usize,
+    rate: f64,
+    duration: Duration,
+    size: usize,
+) -> Result<serde_json::Value, client::ClientError> {
     let mut connections = Vec::with_capacity(conns);
     for _ in 0..conns {
         connections.push(common.open(None).await?);
@@ -139,7 +145,8 @@ pub async fn latency(common: &Common, conns: usize, rate: f64, duration: Duratio
         all.extend(t.await.unwrap_or_default());
     }
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct =
+        |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
     let (p50, p90, p99, p999, max) = (pct(0.5), pct(0.9), pct(0.99), pct(0.999), all.last().copied().unwrap_or(0));
     println!(
         "latency: {conns} connections at {rate:.0} msg/s for {duration:?}: {} samples; p50 {p50}µs p90 {p90}µs p99 {p99}µs p99.9 {p999}µs max {max}µs",
@@ -151,7 +158,12 @@ pub async fn latency(common: &Common, conns: usize, rate: f64, duration: Duratio
 
 /// Opens `conns` connections (from several 127.0.0.x source addresses), reports the handshake
 /// rate, holds them for `hold` answering pings, and counts those that ended early.
-pub async fn idle(common: &Common, conns: usize, hold: Duration, parallel: usize) -> Result<serde_json::Value, client::ClientError> {
+pub async fn idle(
+    common: &Common,
+    conns: usize,
+    hold: Duration,
+    parallel: usize,
+) -> Result<serde_json::Value, client::ClientError> {
     let target = Target::parse(&common.url)?;
     let loopback = target.host.starts_with("127.") || target.host == "localhost";
     let limiter = Arc::new(Semaphore::new(parallel.max(1)));

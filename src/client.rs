@@ -135,7 +135,8 @@ async fn open_tcp(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStrea
 async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions) -> Result<Connection, ClientError> {
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
     let default_port = if target.tls { 443 } else { 80 };
-    let host = if target.port == default_port { target.host.clone() } else { format!("{}:{}", target.host, target.port) };
+    let host =
+        if target.port == default_port { target.host.clone() } else { format!("{}:{}", target.host, target.port) };
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
@@ -168,7 +169,13 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
                         .map(|h| String::from_utf8_lossy(h.value).into_owned())
                 };
                 let length = find("content-length").and_then(|v| v.trim().parse::<usize>().ok());
-                break (response.code.unwrap_or(0), find("sec-websocket-accept"), find("sec-websocket-protocol"), len, length);
+                break (
+                    response.code.unwrap_or(0),
+                    find("sec-websocket-accept"),
+                    find("sec-websocket-protocol"),
+                    len,
+                    length,
+                );
             }
             Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
             Ok(httparse::Status::Partial) => return Err(ClientError::Handshake("response head too large".into())),
@@ -205,17 +212,16 @@ pub fn tls_connector(options: &ClientOptions) -> Result<tokio_rustls::TlsConnect
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?;
     let mut config = if options.insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-            .with_no_client_auth()
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider))).with_no_client_auth()
     } else {
         let mut roots = rustls::RootCertStore::empty();
         match &options.ca_file {
             Some(path) => {
                 use rustls::pki_types::pem::PemObject;
                 for cert in CertificateDer::pem_file_iter(path).map_err(|e| ClientError::Tls(e.to_string()))? {
-                    roots.add(cert.map_err(|e| ClientError::Tls(e.to_string()))?).map_err(|e| ClientError::Tls(e.to_string()))?;
+                    roots
+                        .add(cert.map_err(|e| ClientError::Tls(e.to_string()))?)
+                        .map_err(|e| ClientError::Tls(e.to_string()))?;
                 }
             }
             None => {

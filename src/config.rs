@@ -218,9 +218,9 @@ impl Config {
     }
 
     fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
-        let dict: Dict = figment.extract().map_err(|e| {
-            ConfigError(vec![Problem { key: e.path.join("."), message: e.kind.to_string() }])
-        })?;
+        let dict: Dict = figment
+            .extract()
+            .map_err(|e| ConfigError(vec![Problem { key: e.path.join("."), message: e.kind.to_string() }]))?;
         let mut r = Reader::new(&dict);
         let d = Config::default();
         let mut config = Config {
@@ -353,9 +353,7 @@ impl Config {
         // EnvFilter reads a bare word as a target name ("warnig" would log nothing of wskeep's),
         // so a directive without `=` must be a level; targets are written `target=level`.
         let bare = self.log.level.split(',').map(str::trim).find(|d| {
-            !d.is_empty()
-                && !d.contains(['=', '['])
-                && d.parse::<tracing_subscriber::filter::LevelFilter>().is_err()
+            !d.is_empty() && !d.contains(['=', '[']) && d.parse::<tracing_subscriber::filter::LevelFilter>().is_err()
         });
         if let Some(word) = bare {
             bad(
@@ -399,9 +397,7 @@ fn parse_upstream_url(url: &str) -> Result<String, String> {
     match uri.scheme_str() {
         Some("ws") | Some("http") => {}
         Some("wss") | Some("https") => {
-            return Err(format!(
-                "`{url}`: TLS to the upstream is not supported; wskeep runs beside it (use ws://)"
-            ))
+            return Err(format!("`{url}`: TLS to the upstream is not supported; wskeep runs beside it (use ws://)"))
         }
         _ => return Err(format!("`{url}` must start with ws:// (or http://)")),
     }

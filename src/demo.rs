@@ -56,9 +56,11 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (direct, through) = (direct?, through?);
     print_side_by_side(&direct, &through);
 
-    println!("\nThe upstream's read deadline fired {} time(s); it received {} pong(s), all from wskeep.",
+    println!(
+        "\nThe upstream's read deadline fired {} time(s); it received {} pong(s), all from wskeep.",
         stats.deadlines_fired.load(std::sync::atomic::Ordering::Relaxed),
-        stats.pongs_received.load(std::sync::atomic::Ordering::Relaxed));
+        stats.pongs_received.load(std::sync::atomic::Ordering::Relaxed)
+    );
     drain.shutdown();
     drain.close_now();
     let _ = serving.await;
@@ -88,7 +90,11 @@ fn print_side_by_side(direct: &ProbeReport, through: &ProbeReport) {
         (None, _) => "1006 (no close frame)".to_string(),
     };
     let rows = [
-        ("lifetime", format!("{:.1}s", direct.lifetime.as_secs_f64()), format!("{:.1}s", through.lifetime.as_secs_f64())),
+        (
+            "lifetime",
+            format!("{:.1}s", direct.lifetime.as_secs_f64()),
+            format!("{:.1}s", through.lifetime.as_secs_f64()),
+        ),
         ("close code", close(direct), close(through)),
         (
             "JSON pongs received",

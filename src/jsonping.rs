@@ -87,7 +87,8 @@ mod tests {
     #[test]
     fn echoes_configured_fields_when_present() {
         let m = matcher(false);
-        let reply: Value = serde_json::from_str(&m.answer(r#"{"type":"ping","id":"x7","ts":1700,"other":1}"#).unwrap()).unwrap();
+        let reply: Value =
+            serde_json::from_str(&m.answer(r#"{"type":"ping","id":"x7","ts":1700,"other":1}"#).unwrap()).unwrap();
         assert_eq!(reply, serde_json::json!({"type":"pong","id":"x7","ts":1700}));
         let reply: Value = serde_json::from_str(&m.answer(r#"{"type":"ping","ts":5}"#).unwrap()).unwrap();
         assert_eq!(reply, serde_json::json!({"type":"pong","ts":5}));

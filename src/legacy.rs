@@ -72,7 +72,8 @@ async fn serve(tcp: TcpStream, options: LegacyOptions, stats: Arc<LegacyStats>) 
     let writer_options = options.clone();
     let writer_stats = stats.clone();
     let writer = tokio::spawn(async move {
-        let mut ping = tokio::time::interval_at(Instant::now() + writer_options.ping_interval, writer_options.ping_interval);
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + writer_options.ping_interval, writer_options.ping_interval);
         let payload = writer_options.stream_size.map(|n| bytes::Bytes::from(vec![b'x'; n]));
         loop {
             let next = tokio::select! {

@@ -6,8 +6,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Which leg of a proxied connection.
@@ -112,8 +112,8 @@ impl UpgradeFailure {
 /// The close code as a bounded label: 1000–1015 by number, else its class.
 pub fn close_code_label(code: u16) -> &'static str {
     const NAMED: [&str; 16] = [
-        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010", "1011", "1012",
-        "1013", "1014", "1015",
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010", "1011", "1012", "1013",
+        "1014", "1015",
     ];
     match code {
         1000..=1015 => NAMED[(code - 1000) as usize],
@@ -185,7 +185,8 @@ impl Metrics {
         let pongs = counter_vec(&r, "wskeep_pongs_received_total", "Protocol pongs received", &["side"]);
         let answered =
             counter_vec(&r, "wskeep_pings_answered_total", "Pongs sent in answer to a peer's ping", &["side"]);
-        let rtt = histogram_vec(&r, "wskeep_ping_rtt_seconds", "Round-trip time of wskeep's pings", &["side"], RTT_BUCKETS);
+        let rtt =
+            histogram_vec(&r, "wskeep_ping_rtt_seconds", "Round-trip time of wskeep's pings", &["side"], RTT_BUCKETS);
         let build = register(
             &r,
             IntGaugeVec::new(Opts::new("wskeep_build_info", "Build information"), &["version"]).expect("valid"),
@@ -241,7 +242,11 @@ impl Metrics {
                 "Plain HTTP requests answered, wskeep's own errors included",
                 &["code"],
             ),
-            tls_handshake_failures: counter(&r, "wskeep_tls_handshake_failures_total", "Failed or timed-out TLS handshakes"),
+            tls_handshake_failures: counter(
+                &r,
+                "wskeep_tls_handshake_failures_total",
+                "Failed or timed-out TLS handshakes",
+            ),
             tls_cert_reloads: counter(&r, "wskeep_tls_cert_reloads_total", "Certificate pairs reloaded from disk"),
             tls_cert_not_after: register(
                 &r,

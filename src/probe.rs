@@ -57,9 +57,16 @@ impl ProbeReport {
 
 impl fmt::Display for ProbeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "lifetime        {:.1}s{}", self.lifetime.as_secs_f64(), if self.completed { " (probe finished)" } else { "" })?;
+        writeln!(
+            f,
+            "lifetime        {:.1}s{}",
+            self.lifetime.as_secs_f64(),
+            if self.completed { " (probe finished)" } else { "" }
+        )?;
         match &self.close {
-            Some((code, reason)) => writeln!(f, "close           {} {reason:?}", code.map_or("1005 (no code)".into(), |c| c.to_string()))?,
+            Some((code, reason)) => {
+                writeln!(f, "close           {} {reason:?}", code.map_or("1005 (no code)".into(), |c| c.to_string()))?
+            }
             None => writeln!(f, "close           1006 (no close frame)")?,
         }
         writeln!(f, "messages        {}", self.messages)?;

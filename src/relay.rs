@@ -131,16 +131,12 @@ impl Ending {
             Ending::Refused(Side::Client, code, reason) => {
                 (End::ClientError, Send(frame(code, reason)), Send(frame(CloseCode::Away, "client gone")))
             }
-            Ending::Refused(Side::Upstream, code, reason) => (
-                End::UpstreamError,
-                Send(frame(CloseCode::Away, "upstream error")),
-                Send(frame(code, reason)),
-            ),
-            Ending::Shutdown => (
-                End::Shutdown,
-                Send(frame(CloseCode::Away, "going away")),
-                Send(frame(CloseCode::Away, "going away")),
-            ),
+            Ending::Refused(Side::Upstream, code, reason) => {
+                (End::UpstreamError, Send(frame(CloseCode::Away, "upstream error")), Send(frame(code, reason)))
+            }
+            Ending::Shutdown => {
+                (End::Shutdown, Send(frame(CloseCode::Away, "going away")), Send(frame(CloseCode::Away, "going away")))
+            }
         }
     }
 }
@@ -395,7 +391,13 @@ where
     None
 }
 
-fn relay_message<S>(dst: &mut Leg<S>, msg: Message, from: Side, metrics: &Metrics, stats: &crate::connections::LegStats) {
+fn relay_message<S>(
+    dst: &mut Leg<S>,
+    msg: Message,
+    from: Side,
+    metrics: &Metrics,
+    stats: &crate::connections::LegStats,
+) {
     let len = msg.len() as u64;
     metrics.messages[from as usize].inc();
     metrics.message_bytes[from as usize].inc_by(len);

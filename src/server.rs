@@ -57,11 +57,16 @@ pub enum StartError {
 impl Server {
     /// Binds the proxy and admin listeners (port 0 picks a free port) and loads TLS material.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let listener = bind_listener(config.listen.addr)
-            .map_err(|source| StartError::Bind { key: "listen.addr", addr: config.listen.addr, source })?;
-        let admin = TcpListener::bind(config.admin.addr)
-            .await
-            .map_err(|source| StartError::Bind { key: "admin.addr", addr: config.admin.addr, source })?;
+        let listener = bind_listener(config.listen.addr).map_err(|source| StartError::Bind {
+            key: "listen.addr",
+            addr: config.listen.addr,
+            source,
+        })?;
+        let admin = TcpListener::bind(config.admin.addr).await.map_err(|source| StartError::Bind {
+            key: "admin.addr",
+            addr: config.admin.addr,
+            source,
+        })?;
         let metrics = Arc::new(Metrics::new());
         let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
             (Some(cert), Some(key)) => {

@@ -25,13 +25,10 @@ impl FromStr for ByteSize {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let (number, multiplier) = UNITS
-            .iter()
-            .find_map(|(unit, m)| s.strip_suffix(unit).map(|n| (n.trim(), *m)))
-            .unwrap_or((s, 1));
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size (examples: 4096, \"64KiB\", \"16MiB\")"))?;
+        let (number, multiplier) =
+            UNITS.iter().find_map(|(unit, m)| s.strip_suffix(unit).map(|n| (n.trim(), *m))).unwrap_or((s, 1));
+        let n: u64 =
+            number.parse().map_err(|_| format!("`{s}` is not a size (examples: 4096, \"64KiB\", \"16MiB\")"))?;
         n.checked_mul(multiplier).map(ByteSize).ok_or_else(|| format!("`{s}` is too large"))
     }
 }

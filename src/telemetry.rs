@@ -79,7 +79,9 @@ pub fn upgrade_failure(reason: UpgradeFailure, detail: &str) {
     let now = l.epoch.elapsed().as_millis() as u64 + 1;
     let last = l.last[i].load(Relaxed);
     let window = FAILURE_LOG_WINDOW.as_millis() as u64;
-    if last != 0 && now.saturating_sub(last) < window || l.last[i].compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+    if last != 0 && now.saturating_sub(last) < window
+        || l.last[i].compare_exchange(last, now, Relaxed, Relaxed).is_err()
+    {
         l.suppressed[i].fetch_add(1, Relaxed);
         return;
     }

@@ -63,7 +63,8 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<LoadedPair, TlsErr
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| TlsError::CertRead(cert_path.into(), e.to_string()))?;
     let leaf = chain.first().ok_or_else(|| TlsError::CertEmpty(cert_path.into()))?;
-    let not_after = cert_not_after(leaf).ok_or_else(|| TlsError::CertRead(cert_path.into(), "not an X.509 certificate".into()))?;
+    let not_after =
+        cert_not_after(leaf).ok_or_else(|| TlsError::CertRead(cert_path.into(), "not an X.509 certificate".into()))?;
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::KeyRead(key_path.into(), e.to_string()))?;
     let signing = provider()
         .key_provider

@@ -59,7 +59,10 @@ fn every_problem_is_listed_with_its_key() {
 fn cross_field_rules() {
     assert_eq!(problems("[listen]\nmax_connections = 0"), ["listen.max_connections"]);
     assert_eq!(problems("[limits]\nmax_message_size = 0"), ["limits.max_message_size"]);
-    assert_eq!(problems("[upstream_keepalive]\nping_interval = \"5s\"\ntimeout = \"5s\""), ["upstream_keepalive.timeout"]);
+    assert_eq!(
+        problems("[upstream_keepalive]\nping_interval = \"5s\"\ntimeout = \"5s\""),
+        ["upstream_keepalive.timeout"]
+    );
     assert_eq!(problems("[listen]\ntls_cert = \"/nonexistent.crt\""), ["listen.tls_key"]);
     assert_eq!(problems("[upstream]\nurl = \"ws://host:1/path\""), ["upstream.url"]);
     assert_eq!(problems("[log]\nlevel = \"[[\""), ["log.level"]);

@@ -68,7 +68,8 @@ pub fn validate_upgrade<'a>(method: &Method, version: Version, headers: &'a Head
     let (Some(key), None) = (keys.next(), keys.next()) else {
         return bad("exactly one Sec-WebSocket-Key is required\n");
     };
-    let key = key.to_str().map_err(|_| BadUpgrade { status: StatusCode::BAD_REQUEST, reason: "bad Sec-WebSocket-Key\n" })?;
+    let key =
+        key.to_str().map_err(|_| BadUpgrade { status: StatusCode::BAD_REQUEST, reason: "bad Sec-WebSocket-Key\n" })?;
     // A base64-encoded 16-byte nonce is 24 characters ending in "==".
     let valid = key.len() == 24
         && key.ends_with("==")
@@ -107,7 +108,13 @@ fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
 }
 
 /// Copies the end-to-end request headers and adds the `X-Forwarded-*` set.
-pub fn forward_request(src: &HeaderMap, peer: IpAddr, tls: bool, upstream_authority: &str, websocket: bool) -> HeaderMap {
+pub fn forward_request(
+    src: &HeaderMap,
+    peer: IpAddr,
+    tls: bool,
+    upstream_authority: &str,
+    websocket: bool,
+) -> HeaderMap {
     let listed = connection_tokens(src);
     let mut out = HeaderMap::with_capacity(src.len() + 4);
     for (name, value) in src {
@@ -162,19 +169,37 @@ mod tests {
 
     #[test]
     fn accepts_a_well_formed_upgrade() {
-        let h = map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13"), ("sec-websocket-key", KEY)]);
+        let h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", KEY),
+        ]);
         assert_eq!(validate_upgrade(&Method::GET, Version::HTTP_11, &h), Ok(KEY));
     }
 
     #[test]
     fn refuses_bad_upgrades_with_the_right_status() {
-        let base = [("connection", "upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13"), ("sec-websocket-key", KEY)];
-        let check = |pairs: &[(&str, &str)], method: Method| validate_upgrade(&method, Version::HTTP_11, &map(pairs)).map(|_| ()).map_err(|e| e.status);
+        let base = [
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", KEY),
+        ];
+        let check = |pairs: &[(&str, &str)], method: Method| {
+            validate_upgrade(&method, Version::HTTP_11, &map(pairs)).map(|_| ()).map_err(|e| e.status)
+        };
         assert_eq!(check(&base, Method::POST), Err(StatusCode::BAD_REQUEST));
         assert_eq!(check(&base[1..], Method::GET), Err(StatusCode::BAD_REQUEST));
-        assert_eq!(check(&[base[0], base[1], ("sec-websocket-version", "8"), base[3]], Method::GET), Err(StatusCode::UPGRADE_REQUIRED));
+        assert_eq!(
+            check(&[base[0], base[1], ("sec-websocket-version", "8"), base[3]], Method::GET),
+            Err(StatusCode::UPGRADE_REQUIRED)
+        );
         assert_eq!(check(&base[..3], Method::GET), Err(StatusCode::BAD_REQUEST));
-        assert_eq!(check(&[base[0], base[1], base[2], ("sec-websocket-key", "short")], Method::GET), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            check(&[base[0], base[1], base[2], ("sec-websocket-key", "short")], Method::GET),
+            Err(StatusCode::BAD_REQUEST)
+        );
         assert_eq!(check(&[base[0], base[1], base[2], base[3], base[3]], Method::GET), Err(StatusCode::BAD_REQUEST));
         let h = map(&base);
         assert!(validate_upgrade(&Method::GET, Version::HTTP_10, &h).is_err());

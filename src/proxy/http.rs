@@ -30,7 +30,8 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) 
     let upstream = &shared.config.upstream;
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = Uri::builder().scheme("http").authority(upstream.authority.as_str()).path_and_query(path).build() else {
+    let Ok(uri) = Uri::builder().scheme("http").authority(upstream.authority.as_str()).path_and_query(path).build()
+    else {
         return text(StatusCode::BAD_REQUEST, "bad request target\n");
     };
     let mut out = Request::new(body);

@@ -56,7 +56,8 @@ pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta)
 
 /// A short plain-text response of wskeep's own.
 pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {}).boxed());
+    let mut response =
+        Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -166,7 +166,9 @@ fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
             return response.map(|b| b.boxed());
         }
         UpstreamFailure::Unreachable(e) => (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e),
-        UpstreamFailure::BadHandshake(e) => (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e.to_string()),
+        UpstreamFailure::BadHandshake(e) => {
+            (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e.to_string())
+        }
         UpstreamFailure::TimedOut(e) => (UpgradeFailure::UpstreamTimeout, StatusCode::GATEWAY_TIMEOUT, e.to_string()),
     };
     shared.metrics.upgrade_failed(reason);
