@@ -35,14 +35,11 @@ async fn echo(tcp: TcpStream) {
     };
     let mut next = ws.next().await;
     while let Some(Ok(msg)) = next {
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                if ws.feed(msg).await.is_err() {
-                    return;
-                }
-            }
-            Message::Close(_) => break,
-            _ => {}
+        if matches!(msg, Message::Close(_)) {
+            break;
+        }
+        if (msg.is_text() || msg.is_binary()) && ws.feed(msg).await.is_err() {
+            return;
         }
         // Echo what has already arrived in one write, as a server under load would.
         next = match ws.next().now_or_never() {

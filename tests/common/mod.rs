@@ -155,6 +155,7 @@ impl SeenRequest {
 /// - `/refuse`: 403 with a body and an `X-Reason` header
 /// - `/silent`: completes the handshake, then never reads or writes
 /// - anything else: echoes; a text `close:CODE:REASON` makes it close with that code
+///
 /// It picks the subprotocol `v2` when offered. `kill()` drops every connection without a close frame.
 pub struct TestUpstream {
     pub addr: SocketAddr,
@@ -195,8 +196,12 @@ impl TestUpstream {
     }
 }
 
+// Collapsing the `if` into a match guard would move the message before the other arms.
+#[allow(clippy::collapsible_match)]
 async fn serve_upstream(tcp: TcpStream, seen: Arc<Mutex<Vec<SeenRequest>>>, closes: Arc<Mutex<Vec<(u16, String)>>>) {
     let mut path = String::new();
+    // tungstenite's callback signature returns its (large) ErrorResponse by value.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         path = req.uri().path().to_string();
         let headers =
