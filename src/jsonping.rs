@@ -5,6 +5,9 @@
 //! message that passes them is parsed.
 
 use memchr::memmem::Finder;
+use std::collections::HashMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::JsonPing;
@@ -17,7 +20,8 @@ pub struct JsonPingMatcher {
     fields: Map<String, Value>,
     /// One finder per match key, searching for `"key"` in the raw text.
     key_finders: Vec<Finder<'static>>,
-    reply: Map<String, Value>,
+    /// The reply's own fields, serialised once: (key, `"key":value`).
+    reply: Vec<(String, String)>,
     echo_fields: Vec<String>,
     pub forward: bool,
 }
@@ -28,16 +32,20 @@ impl JsonPingMatcher {
         if !config.enabled || config.match_fields.is_empty() {
             return None;
         }
-        let key_finders = config
-            .match_fields
-            .keys()
-            .map(|k| Finder::new(serde_json::to_string(k).unwrap_or_default().as_bytes()).into_owned())
-            .collect();
+        let key_finders =
+            config.match_fields.keys().map(|k| Finder::new(json_string(k).as_bytes()).into_owned()).collect();
+        let reply = config.reply.iter().map(|(k, v)| (k.clone(), format!("{}:{v}", json_string(k)))).collect();
+        let mut echo_fields: Vec<String> = Vec::new();
+        for field in &config.echo_fields {
+            if !echo_fields.contains(field) {
+                echo_fields.push(field.clone());
+            }
+        }
         Some(JsonPingMatcher {
             fields: config.match_fields.clone(),
             key_finders,
-            reply: config.reply.clone(),
-            echo_fields: config.echo_fields.clone(),
+            reply,
+            echo_fields,
             forward: config.forward,
         })
     }
@@ -51,18 +59,43 @@ impl JsonPingMatcher {
         if !self.key_finders.iter().all(|f| f.find(bytes).is_some()) {
             return None;
         }
-        let Ok(Value::Object(ping)) = serde_json::from_str::<Value>(text) else { return None };
-        if !self.fields.iter().all(|(k, v)| ping.get(k) == Some(v)) {
+        // Field values stay as written, so an echoed `ts` or `id` comes back byte for byte (a
+        // number beyond 64 bits would otherwise come back rounded).
+        let ping: HashMap<String, &RawValue> = serde_json::from_str(text).ok()?;
+        let matches = |(k, v): (&String, &Value)| {
+            ping.get(k).and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok()).as_ref() == Some(v)
+        };
+        if !self.fields.iter().all(matches) {
             return None;
         }
-        let mut reply = self.reply.clone();
-        for field in &self.echo_fields {
-            if let Some(v) = ping.get(field) {
-                reply.insert(field.clone(), v.clone());
+        let echoed: Vec<(&String, &RawValue)> =
+            self.echo_fields.iter().filter_map(|f| ping.get(f).map(|raw| (f, *raw))).collect();
+        let mut out = String::with_capacity(64);
+        out.push('{');
+        // Echoed fields take precedence over reply fields of the same name.
+        for (key, pair) in &self.reply {
+            if !echoed.iter().any(|(f, _)| *f == key) {
+                out.push_str(pair);
+                out.push(',');
             }
         }
-        Some(Value::Object(reply).to_string())
+        for (field, raw) in echoed {
+            out.push_str(&json_string(field));
+            out.push(':');
+            out.push_str(raw.get());
+            out.push(',');
+        }
+        if out.ends_with(',') {
+            out.pop();
+        }
+        out.push('}');
+        Some(out)
     }
+}
+
+fn json_string(s: &str) -> String {
+    // Serialising a string cannot fail.
+    serde_json::to_string(s).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -112,6 +145,15 @@ mod tests {
         ] {
             assert_eq!(m.answer(text), None, "{text:?}");
         }
+    }
+
+    #[test]
+    fn echoed_values_come_back_as_written() {
+        let m = matcher(false);
+        let ts = "17600000000000000000000000000000000000018088332603364649575";
+        let reply = m.answer(&format!(r#"{{"type":"ping","ts":{ts},"id":"a\u00e9"}}"#)).unwrap();
+        assert!(reply.contains(&format!(r#""ts":{ts}"#)), "{reply}");
+        assert!(reply.contains(r#""id":"a\u00e9""#), "{reply}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
 //!   `headers` (forwarding rules and upgrade validation)
 //! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
-//! - `keepalive`, `jsonping`: the per-leg timers and the JSON ping matcher the relay uses
+//! - `keepalive`, `jsonping`, `readahead`: the per-leg timers, the JSON ping matcher and the
+//!   leg socket (read-ahead only while data flows) the relay uses
 //! - `shutdown`: drain and close phases, signals
 //! - `tls`: certificate loading and hot reload
 //! - `metrics`, `connections`, `admin`, `telemetry`: what operators see
@@ -24,6 +25,7 @@ pub mod legacy;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
+pub mod readahead;
 pub mod relay;
 pub mod server;
 pub mod shutdown;

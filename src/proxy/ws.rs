@@ -22,15 +22,14 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::{headers, text, Body, ConnMeta, Shared};
 use crate::metrics::UpgradeFailure;
+use crate::readahead::LegStream;
 use crate::relay;
 
 /// Per-socket read buffer: small, because most connections are idle most of the time (the
-/// default 128 KiB is allocated eagerly for every socket). Larger messages grow it as needed.
-/// tungstenite also reads at most this much per call: on a plain socket that is one syscall.
-const READ_BUFFER: usize = 4 * 1024;
-/// Behind TLS, reads copy from rustls's decrypted records (no syscall per read), so the client
-/// leg can use a smaller buffer at no cost in throughput.
-const TLS_READ_BUFFER: usize = 1024;
+/// default 128 KiB is allocated eagerly for every socket). tungstenite reads at most this much
+/// per call; `LegStream` makes that cheap (rustls's records behind TLS, a transient read-ahead
+/// on plain sockets), and larger messages grow the buffer as needed.
+const READ_BUFFER: usize = 1024;
 /// Messages are gathered up to this size before a write; `flush` writes the rest.
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -187,9 +186,10 @@ async fn relay_task(client: OnUpgrade, upstream: OnUpgrade, shared: Arc<Shared>,
         }
     };
     let ws_config = websocket_config(shared.config.limits.max_message_size.0 as usize);
-    let client_config = if shared.tls { ws_config.read_buffer_size(TLS_READ_BUFFER) } else { ws_config };
-    let client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(client_config)).await;
-    let upstream = WebSocketStream::from_raw_socket(TokioIo::new(upstream), Role::Client, Some(ws_config)).await;
+    let client = LegStream::from_upgraded(client);
+    let upstream = LegStream::from_upgraded(upstream);
+    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(ws_config)).await;
+    let upstream = WebSocketStream::from_raw_socket(upstream, Role::Client, Some(ws_config)).await;
 
     let metrics = &shared.metrics;
     metrics.connections_total.inc();
