@@ -130,10 +130,23 @@ pub async fn latency(
                 if conn.writer.send(OP_TEXT, &payload).await.is_err() {
                     break;
                 }
-                match conn.reader.read_message().await {
-                    Ok(Some(Incoming::Text(_))) => samples.push(sent.elapsed().as_micros() as u64),
-                    _ => break,
+                // Answer the proxy's pings while waiting for the echo, as any client would.
+                let echoed = loop {
+                    match conn.reader.read_message().await {
+                        Ok(Some(Incoming::Text(_))) => break true,
+                        Ok(Some(Incoming::Ping(p))) => {
+                            if conn.writer.send(OP_PONG, &p).await.is_err() {
+                                break false;
+                            }
+                        }
+                        Ok(Some(Incoming::Pong(_))) => {}
+                        _ => break false,
+                    }
+                };
+                if !echoed {
+                    break;
                 }
+                samples.push(sent.elapsed().as_micros() as u64);
             }
             conn.writer.queue_close(Some(1000), "bench done");
             let _ = conn.writer.flush().await;
@@ -157,7 +170,8 @@ pub async fn latency(
 }
 
 /// Opens `conns` connections (from several 127.0.0.x source addresses), reports the handshake
-/// rate, holds them for `hold` answering pings, and counts those that ended early.
+/// rate, holds them for `hold`, and counts those that ended early. Each connection answers
+/// pings from the moment it is open, as a browser would.
 pub async fn idle(
     common: &Common,
     conns: usize,
@@ -167,63 +181,65 @@ pub async fn idle(
     let target = Target::parse(&common.url)?;
     let loopback = target.host.starts_with("127.") || target.host == "localhost";
     let limiter = Arc::new(Semaphore::new(parallel.max(1)));
-    let lost = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+    let (lost, pings) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let release = tokio_util::sync::CancellationToken::new();
+    let (opened_tx, mut opened_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let start = Instant::now();
-    let mut opening = Vec::with_capacity(conns);
+    let mut tasks = Vec::with_capacity(conns);
     for i in 0..conns {
         // 127.0.0.2 .. 127.0.0.33: about 28k ephemeral ports each.
         let bind = loopback.then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 32) as u8)));
-        let (common, limiter) = (common.clone(), limiter.clone());
-        opening.push(tokio::spawn(async move {
-            let _permit = limiter.acquire_owned().await.ok()?;
-            common.open(bind).await.ok()
-        }));
-    }
-    let mut open = Vec::with_capacity(conns);
-    for o in opening {
-        match o.await.ok().flatten() {
-            Some(conn) => open.push(conn),
-            None => {
-                failed.fetch_add(1, Relaxed);
-            }
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let rate = open.len() as f64 / secs;
-    println!("idle: opened {} of {conns} in {secs:.1}s = {rate:.0} handshakes/s; holding for {hold:?}", open.len());
-    let stop = Instant::now() + hold;
-    let pings = Arc::new(AtomicU64::new(0));
-    let mut holders = Vec::with_capacity(open.len());
-    for mut conn in open {
-        let (lost, pings) = (lost.clone(), pings.clone());
-        holders.push(tokio::spawn(async move {
+        let (common, limiter, opened_tx) = (common.clone(), limiter.clone(), opened_tx.clone());
+        let (lost, pings, release) = (lost.clone(), pings.clone(), release.clone());
+        tasks.push(tokio::spawn(async move {
+            let conn = match limiter.acquire_owned().await {
+                Ok(_permit) => common.open(bind).await.ok(),
+                Err(_) => None,
+            };
+            let _ = opened_tx.send(conn.is_some());
+            let Some(mut conn) = conn else { return };
             loop {
-                match tokio::time::timeout_at(stop, conn.reader.read_message()).await {
-                    Err(_) => break,
-                    Ok(Ok(Some(Incoming::Ping(p)))) => {
-                        pings.fetch_add(1, Relaxed);
-                        if conn.writer.send(OP_PONG, &p).await.is_err() {
+                tokio::select! {
+                    _ = release.cancelled() => break,
+                    msg = conn.reader.read_message() => match msg {
+                        Ok(Some(Incoming::Ping(p))) => {
+                            pings.fetch_add(1, Relaxed);
+                            if conn.writer.send(OP_PONG, &p).await.is_err() {
+                                lost.fetch_add(1, Relaxed);
+                                return;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        _ => {
                             lost.fetch_add(1, Relaxed);
                             return;
                         }
-                    }
-                    Ok(Ok(Some(_))) => {}
-                    Ok(_) => {
-                        lost.fetch_add(1, Relaxed);
-                        return;
-                    }
+                    },
                 }
             }
             conn.writer.queue_close(Some(1000), "bench done");
             let _ = conn.writer.flush().await;
         }));
     }
-    for h in holders {
-        let _ = h.await;
+    drop(opened_tx);
+    // Each task reports once, when its handshake has succeeded or failed.
+    let (mut opened, mut failed) = (0u64, 0u64);
+    for _ in 0..conns {
+        match opened_rx.recv().await {
+            Some(true) => opened += 1,
+            _ => failed += 1,
+        }
     }
-    let (lost, failed, pings) = (lost.load(Relaxed), failed.load(Relaxed), pings.load(Relaxed));
+    let secs = start.elapsed().as_secs_f64();
+    let rate = opened as f64 / secs;
+    println!("idle: opened {opened} of {conns} in {secs:.1}s = {rate:.0} handshakes/s; holding for {hold:?}");
+    tokio::time::sleep(hold).await;
+    release.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (lost, pings) = (lost.load(Relaxed), pings.load(Relaxed));
     println!("idle: {lost} connection(s) lost during the hold, {failed} failed to open, {pings} pings answered");
-    Ok(json!({"scenario": "idle", "conns": conns, "opened": conns as u64 - failed, "failed": failed,
+    Ok(json!({"scenario": "idle", "conns": conns, "opened": opened, "failed": failed,
         "handshakes_per_second": rate, "lost": lost, "pings_answered": pings, "hold_seconds": hold.as_secs_f64()}))
 }

@@ -54,6 +54,7 @@ async fn echo(tcp: TcpStream) {
             }
         };
     }
-    // Answer a close (tungstenite queued it) and end.
-    let _ = ws.close(None).await;
+    // Flushing sends the close answer tungstenite queued (`close()` would refuse: the peer
+    // already closed).
+    let _ = ws.flush().await;
 }
