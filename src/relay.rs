@@ -9,17 +9,20 @@
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -231,7 +234,7 @@ pub async fn run<S>(
     closing: CancellationToken,
 ) -> Outcome
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + EndTransport + Unpin,
 {
     let leg = |side, ws, keepalive| Leg {
         side,
@@ -409,7 +412,7 @@ fn relay_message<S>(
 /// Runs the closing handshakes of both legs together and records the codes.
 async fn finish<S>(legs: [Leg<S>; 2], ending: Ending, metrics: &Metrics) -> Outcome
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + EndTransport + Unpin,
 {
     let mut codes = [(None, None); 2];
     if let Ending::Closed(side, f) = &ending {
@@ -436,38 +439,61 @@ where
 }
 
 /// Closes one leg as planned; returns the close code it answered with (if it was waited for)
-/// and the code wskeep sent it.
+/// and the code wskeep sent it. The transport is ended too (TLS `close_notify`, then FIN), so
+/// nothing wskeep wrote stays behind in a TLS buffer when the socket is dropped.
 async fn close_leg<S>(mut leg: Leg<S>, action: CloseAction) -> (Option<u16>, Option<u16>)
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + EndTransport + Unpin,
 {
     match action {
         CloseAction::Nothing => (None, None),
         CloseAction::Answer(code) => {
-            // tungstenite echoes the peer's close frame; flushing sends it.
-            let flushed = tokio::time::timeout(CLOSE_BOUND, leg.ws.flush()).await;
-            (None, matches!(flushed, Ok(Ok(()))).then_some(code))
+            let answered = tokio::time::timeout(CLOSE_BOUND, async {
+                // tungstenite echoes the peer's close frame; flushing writes it.
+                let flushed = leg.ws.flush().await.is_ok();
+                let _ = poll_fn(|cx| leg.ws.poll_end(cx)).await;
+                flushed
+            })
+            .await;
+            (None, matches!(answered, Ok(true)).then_some(code))
         }
         CloseAction::Send(frame) => {
             let code = wire_code(&frame);
             let mut written = false;
             let handshake = async {
-                // Messages accepted before the ending are delivered before the close.
-                if let Some(msg) = leg.outbox.take() {
-                    leg.ws.feed(msg).await.ok()?;
-                }
-                leg.ws.send(Message::Close(frame)).await.ok()?;
-                written = true;
-                while let Some(item) = leg.ws.next().await {
-                    if let Message::Close(answer) = item.ok()? {
-                        return Some(wire_code(&answer));
+                let answer = async {
+                    // Messages accepted before the ending are delivered before the close.
+                    if let Some(msg) = leg.outbox.take() {
+                        leg.ws.feed(msg).await.ok()?;
                     }
+                    leg.ws.send(Message::Close(frame)).await.ok()?;
+                    written = true;
+                    while let Some(item) = leg.ws.next().await {
+                        if let Message::Close(answer) = item.ok()? {
+                            return Some(wire_code(&answer));
+                        }
+                    }
+                    None
                 }
-                None
+                .await;
+                let _ = poll_fn(|cx| leg.ws.poll_end(cx)).await;
+                answer
             };
             let answer = tokio::time::timeout(CLOSE_BOUND, handshake).await.ok().flatten();
             // No answer (or the leg failed under us): it ended without a close frame.
             (Some(answer.unwrap_or(1006)), written.then_some(code))
         }
+    }
+}
+
+/// A leg whose transport can be ended once the closing handshake is over.
+pub trait EndTransport {
+    /// Flushes what the transport still buffers and shuts its write side (TLS: `close_notify`).
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> EndTransport for WebSocketStream<T> {
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(self.get_mut()).poll_shutdown(cx)
     }
 }

@@ -198,9 +198,11 @@ async fn relay_task(client: OnUpgrade, upstream: OnUpgrade, shared: Arc<Shared>,
     let conn = &guard.info;
     let outcome = relay::run(client, upstream, &shared.relay, metrics, conn, shared.drain.closing_token()).await;
     let duration = conn.started.elapsed();
-    metrics.connections_active.dec();
+    // The ending is recorded before the gauge drops, so a scrape that sees no active connection
+    // also sees every ending.
     metrics.connection_ended(outcome.end, duration.as_secs_f64());
     crate::telemetry::connection_closed(conn, &outcome, duration);
+    metrics.connections_active.dec();
     drop(guard);
     drop(meta.permit);
 }
