@@ -60,15 +60,18 @@ impl LegStream {
     }
 
     /// Reads what a plain socket has (up to `CHUNK`) into a fresh buffer.
-    fn poll_read_ahead(tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+    fn poll_read_ahead(tcp: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
         loop {
+            // Allocate only once the socket says it has data: most polls of an idle leg end here.
             ready!(tcp.poll_read_ready(cx))?;
             let mut chunk = BytesMut::with_capacity(CHUNK);
-            match tcp.try_read_buf(&mut chunk) {
-                Ok(_) => return Poll::Ready(Ok(chunk.freeze())),
-                // Readiness was stale; `try_read_buf` cleared it, so the next poll registers.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+            // `poll_read` (unlike `try_read`) clears readiness after a short read, which saves
+            // the `EAGAIN` syscall that would otherwise follow every burst.
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *tcp), cx, &mut chunk) {
+                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(chunk.freeze())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // The readiness was stale and is cleared now: wait for the next one.
+                Poll::Pending => continue,
             }
         }
     }
