@@ -191,7 +191,7 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
                 break;
             }
         }
-        let body = String::from_utf8_lossy(&buf[..buf.len().min(want.max(buf.len().min(4096)))]).into_owned();
+        let body = String::from_utf8_lossy(&buf[..buf.len().min(64 * 1024)]).into_owned();
         return Err(ClientError::Refused { status, body });
     }
     if accept.as_deref() != Some(derive_accept_key(key.as_bytes()).as_str()) {

@@ -7,12 +7,10 @@
 //! after a proper handshake.
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use wskeep::client::{self, ClientOptions, Connection, Incoming};
 
@@ -69,29 +67,6 @@ fn rss_bytes() -> u64 {
 
 // === the TLS port ===
 
-/// Writes `bytes` on a fresh TCP connection (then ends the stream if `eof`) and reads until
-/// wskeep closes it; panics if it does not within `limit`. Returns what wskeep sent.
-async fn junk(addr: SocketAddr, bytes: &[u8], eof: bool, limit: Duration) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(bytes).await.unwrap();
-    if eof {
-        tcp.shutdown().await.unwrap();
-    }
-    let mut answer = Vec::new();
-    tokio::time::timeout(limit, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("wskeep kept open the connection that sent {:?}", &bytes[..bytes.len().min(16)]));
-    answer
-}
-
 /// A TLS alert record (content type 21), or nothing at all: never an HTTP answer or a handshake.
 fn assert_alert_or_nothing(answer: &[u8], what: &str) {
     assert!(answer.is_empty() || answer[0] == 21, "{what}: wskeep answered {:?}", &answer[..answer.len().min(32)]);
@@ -105,18 +80,21 @@ async fn garbage_and_truncated_tls_records_fail_alone() {
     // than TLS allows; a ClientHello cut short, both ending the stream and holding it open (the
     // handshake timeout, 1 s here, ends the latter).
     let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    assert_alert_or_nothing(&junk(addr, &garbage, false, LIMIT).await, "garbage");
-    assert_alert_or_nothing(&junk(addr, &[0x63, 0x03, 0x03, 0x00, 0x02, 1, 2], false, LIMIT).await, "bad type");
+    assert_alert_or_nothing(&common::send_junk(addr, &garbage, false, LIMIT).await, "garbage");
+    assert_alert_or_nothing(
+        &common::send_junk(addr, &[0x63, 0x03, 0x03, 0x00, 0x02, 1, 2], false, LIMIT).await,
+        "bad type",
+    );
     let huge = [0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00, 0xff, 0xfb];
-    assert_alert_or_nothing(&junk(addr, &huge, false, LIMIT).await, "oversized record");
+    assert_alert_or_nothing(&common::send_junk(addr, &huge, false, LIMIT).await, "oversized record");
     let hello = client_hello_prefix();
-    assert_alert_or_nothing(&junk(addr, &hello, true, LIMIT).await, "truncated hello, EOF");
+    assert_alert_or_nothing(&common::send_junk(addr, &hello, true, LIMIT).await, "truncated hello, EOF");
     let started = Instant::now();
-    assert_alert_or_nothing(&junk(addr, &hello, false, LIMIT).await, "truncated hello, held open");
+    assert_alert_or_nothing(&common::send_junk(addr, &hello, false, LIMIT).await, "truncated hello, held open");
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "closed after {took:?}");
     // A connection that sends nothing at all is also ended by the handshake timeout.
-    assert!(junk(addr, b"", false, LIMIT).await.is_empty());
+    assert!(common::send_junk(addr, b"", false, LIMIT).await.is_empty());
     s.still_healthy().await;
     let text = s.metrics().await;
     assert!(common::metric(&text, "wskeep_tls_handshake_failures_total") >= 6.0, "{text}");
@@ -141,7 +119,7 @@ async fn plain_http_on_the_tls_port_is_refused_at_once() {
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
     ] {
         let started = Instant::now();
-        let answer = junk(s.sidecar.addr, request, false, LIMIT).await;
+        let answer = common::send_junk(s.sidecar.addr, request, false, LIMIT).await;
         assert!(started.elapsed() < Duration::from_millis(900), "not refused at once: {:?}", started.elapsed());
         assert!(!answer.starts_with(b"HTTP/"), "plaintext must not be served on the TLS port");
         assert_alert_or_nothing(&answer, "plain HTTP");

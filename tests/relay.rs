@@ -406,43 +406,21 @@ async fn echo(ws: &mut common::TlsWs) {
     assert_eq!(common::next_message(ws, LIMIT).await, Some(msg));
 }
 
-/// Writes `bytes` on a fresh TCP connection and reads until wskeep closes it (bounded).
-async fn junk_connection(addr: SocketAddr, bytes: &[u8], eof: bool) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(bytes).await.unwrap();
-    if eof {
-        tcp.shutdown().await.unwrap();
-    }
-    let mut answer = Vec::new();
-    tokio::time::timeout(LIMIT, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("wskeep never closed the connection that sent {:?}", &bytes[..bytes.len().min(16)]));
-    answer
-}
-
 #[tokio::test]
 async fn garbage_and_plaintext_on_the_tls_port_do_not_disturb_others() {
     let (cert, _upstream, sidecar) = setup("").await;
     let mut ws = common::wss(sidecar.addr, &cert, "/", &[]).await;
     echo(&mut ws).await;
     let garbage: Vec<u8> = (0..2048u32).map(|i| (i * 7919 % 256) as u8).collect();
-    let answer = junk_connection(sidecar.addr, &garbage, false).await;
+    let answer = common::send_junk(sidecar.addr, &garbage, false, LIMIT).await;
     assert!(!answer.starts_with(b"HTTP/"), "no HTTP answer to garbage");
     echo(&mut ws).await;
-    let answer = junk_connection(sidecar.addr, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", false).await;
+    let answer = common::send_junk(sidecar.addr, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", false, LIMIT).await;
     assert!(!answer.starts_with(b"HTTP/1.1 200"), "plaintext must not be served on the TLS port");
     echo(&mut ws).await;
     // A half-finished TLS record, then the end of the stream.
     drop(TcpStream::connect(sidecar.addr).await.unwrap());
-    let _ = junk_connection(sidecar.addr, &[0x16, 0x03, 0x01, 0x40, 0x00, 0x01], true).await;
+    let _ = common::send_junk(sidecar.addr, &[0x16, 0x03, 0x01, 0x40, 0x00, 0x01], true, LIMIT).await;
     echo(&mut ws).await;
     // The sidecar still accepts new clients.
     let mut second = common::wss(sidecar.addr, &cert, "/", &[]).await;

@@ -123,6 +123,29 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// Writes `bytes` on a fresh TCP connection (then ends the stream if `eof`) and reads until
+/// wskeep closes it; panics if it does not within `limit`. Returns what wskeep sent.
+pub async fn send_junk(addr: SocketAddr, bytes: &[u8], eof: bool, limit: Duration) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    if eof {
+        tcp.shutdown().await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("wskeep kept open the connection that sent {:?}", &bytes[..bytes.len().min(16)]));
+    answer
+}
+
 pub async fn scrape(admin: SocketAddr) -> String {
     http_get(admin, "/metrics").await.expect("metrics answer").1
 }
