@@ -1,9 +1,14 @@
-//! The keepalive timers of one leg: pings to send, unsolicited pongs to send, and the idle
-//! deadline after which the peer is taken for dead.
+//! The keepalive timers of one connection: for each leg, pings to send, unsolicited pongs to send,
+//! and the idle deadline after which the peer is taken for dead.
 //!
 //! Any frame is a sign of life (an idle timer, not a count of unanswered pings). The deadline is
-//! lazy: a frame only stores its arrival time, and the timer is re-armed when it fires early, so
-//! a busy connection costs one timer reset per timeout period instead of one per frame.
+//! lazy: a frame only stores its arrival time, and the deadline is pushed back when it comes due
+//! early, so a busy connection costs one timer check per timeout period instead of one per frame.
+//!
+//! Both legs share a single `Sleep`, armed at the earliest of their deadlines, and periodic timers
+//! stay on their grid (start + k × period). With equal intervals both legs' pings therefore fall
+//! due together and go out in one wake-up: at scale, task wake-ups and timer-wheel entries are
+//! what idle keepalive costs.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,7 +16,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::Side;
 
 /// What a leg's timers ask for.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,78 +31,144 @@ pub enum Due {
     Dead,
 }
 
-pub struct Keepalive {
-    ping: Option<Interval>,
-    pong: Option<Interval>,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+/// A leg's timer settings; zero durations switch the corresponding timer off.
+#[derive(Debug, Clone, Copy)]
+pub struct LegTimers {
+    pub ping_interval: Duration,
+    pub pong_interval: Duration,
+    pub timeout: Duration,
+}
+
+/// A periodic timer on a fixed grid.
+struct Every {
+    period: Duration,
+    next: Instant,
+}
+
+impl Every {
+    fn new(period: Duration, start: Instant) -> Option<Every> {
+        (!period.is_zero()).then(|| Every { period, next: start + period })
+    }
+
+    /// True (and moved to its next slot) when due. After a stall it carries on at the period
+    /// rather than bursting the missed ticks.
+    fn fire(&mut self, now: Instant) -> bool {
+        if now < self.next {
+            return false;
+        }
+        self.next += self.period;
+        if self.next <= now {
+            self.next = now + self.period;
+        }
+        true
+    }
+}
+
+struct LegState {
+    ping: Option<Every>,
+    pong: Option<Every>,
+    timeout: Duration,
+    /// When to look at `last_seen` again: never earlier than `last_seen + timeout`.
+    idle_check: Option<Instant>,
     last_seen: Instant,
     /// The last ping sent and when; a pong carrying another payload is not ours.
     outstanding: Option<(u64, Instant)>,
     seq: u64,
 }
 
-fn every(period: Duration) -> Option<Interval> {
-    (!period.is_zero()).then(|| {
-        let mut i = tokio::time::interval_at(Instant::now() + period, period);
-        // After a stall, carry on at the period rather than bursting the missed pings.
-        i.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        i
-    })
-}
-
-impl Keepalive {
-    /// Zero durations switch the corresponding timer off.
-    pub fn new(ping_interval: Duration, pong_interval: Duration, timeout: Duration) -> Keepalive {
-        let now = Instant::now();
-        Keepalive {
-            ping: every(ping_interval),
-            pong: every(pong_interval),
-            idle: (!timeout.is_zero()).then(|| (timeout, Box::pin(tokio::time::sleep_until(now + timeout)))),
-            last_seen: now,
+impl LegState {
+    fn new(timers: LegTimers, start: Instant) -> LegState {
+        LegState {
+            ping: Every::new(timers.ping_interval, start),
+            pong: Every::new(timers.pong_interval, start),
+            timeout: timers.timeout,
+            idle_check: (!timers.timeout.is_zero()).then(|| start + timers.timeout),
+            last_seen: start,
             outstanding: None,
             seq: 0,
         }
     }
 
-    /// A frame arrived from the peer.
-    pub fn saw_frame(&mut self, now: Instant) {
-        self.last_seen = now;
+    fn due(&mut self, now: Instant) -> Option<Due> {
+        if let Some(check) = self.idle_check {
+            if now >= check {
+                let deadline = self.last_seen + self.timeout;
+                if now >= deadline {
+                    return Some(Due::Dead);
+                }
+                self.idle_check = Some(deadline);
+            }
+        }
+        if self.ping.as_mut().is_some_and(|p| p.fire(now)) {
+            self.seq += 1;
+            self.outstanding = Some((self.seq, now));
+            return Some(Due::Ping(Bytes::copy_from_slice(&self.seq.to_be_bytes())));
+        }
+        if self.pong.as_mut().is_some_and(|p| p.fire(now)) {
+            return Some(Due::Pong);
+        }
+        None
     }
 
-    /// A pong arrived: the round-trip time if it answers our last ping.
-    pub fn pong_received(&mut self, payload: &[u8], now: Instant) -> Option<Duration> {
-        let (seq, sent) = self.outstanding?;
+    fn next_deadline(&self) -> Option<Instant> {
+        [self.idle_check, self.ping.as_ref().map(|p| p.next), self.pong.as_ref().map(|p| p.next)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+pub struct Keepalive {
+    legs: [LegState; 2],
+    /// Armed at the earliest deadline of both legs; `None` when every timer is off.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Keepalive {
+    pub fn new(client: LegTimers, upstream: LegTimers) -> Keepalive {
+        let now = Instant::now();
+        let legs = [LegState::new(client, now), LegState::new(upstream, now)];
+        let first = legs.iter().filter_map(LegState::next_deadline).min();
+        Keepalive { legs, sleep: first.map(|at| Box::pin(tokio::time::sleep_until(at))) }
+    }
+
+    /// A frame arrived from the peer on this side.
+    pub fn saw_frame(&mut self, side: Side, now: Instant) {
+        self.legs[side as usize].last_seen = now;
+    }
+
+    /// A pong arrived on this side: the round-trip time if it answers our last ping.
+    pub fn pong_received(&mut self, side: Side, payload: &[u8], now: Instant) -> Option<Duration> {
+        let leg = &mut self.legs[side as usize];
+        let (seq, sent) = leg.outstanding?;
         if payload == seq.to_be_bytes() {
-            self.outstanding = None;
+            leg.outstanding = None;
             Some(now.saturating_duration_since(sent))
         } else {
             None
         }
     }
 
-    pub fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<Due> {
-        if let Some((timeout, sleep)) = &mut self.idle {
-            while sleep.as_mut().poll(cx).is_ready() {
-                let deadline = self.last_seen + *timeout;
-                if Instant::now() >= deadline {
-                    // Fire once; the connection ends here.
-                    self.idle = None;
-                    return Poll::Ready(Due::Dead);
+    /// The next timer that is due, one at a time; a leg found dead fires once and the timers stop
+    /// (the connection ends there).
+    pub fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<(Side, Due)> {
+        let Some(sleep) = &mut self.sleep else { return Poll::Pending };
+        // The sleep stays ready until it is reset, so each due timer is found on its own call.
+        while sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            for (leg, side) in self.legs.iter_mut().zip([Side::Client, Side::Upstream]) {
+                if let Some(due) = leg.due(now) {
+                    if due == Due::Dead {
+                        self.sleep = None;
+                    }
+                    return Poll::Ready((side, due));
                 }
-                sleep.as_mut().reset(deadline);
             }
-        }
-        if let Some(ping) = &mut self.ping {
-            if ping.poll_tick(cx).is_ready() {
-                self.seq += 1;
-                self.outstanding = Some((self.seq, Instant::now()));
-                return Poll::Ready(Due::Ping(Bytes::copy_from_slice(&self.seq.to_be_bytes())));
-            }
-        }
-        if let Some(pong) = &mut self.pong {
-            if pong.poll_tick(cx).is_ready() {
-                return Poll::Ready(Due::Pong);
-            }
+            let Some(next) = self.legs.iter().filter_map(LegState::next_deadline).min() else {
+                self.sleep = None;
+                return Poll::Pending;
+            };
+            sleep.as_mut().reset(next);
         }
         Poll::Pending
     }
@@ -106,44 +179,76 @@ mod tests {
     use super::*;
     use std::future::poll_fn;
 
-    async fn next(k: &mut Keepalive) -> Due {
+    const OFF: LegTimers =
+        LegTimers { ping_interval: Duration::ZERO, pong_interval: Duration::ZERO, timeout: Duration::ZERO };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    async fn next(k: &mut Keepalive) -> (Side, Due) {
         poll_fn(|cx| k.poll_due(cx)).await
     }
 
     #[tokio::test(start_paused = true)]
     async fn pings_at_the_interval_and_measures_the_answer() {
         let start = Instant::now();
-        let mut k = Keepalive::new(Duration::from_millis(200), Duration::ZERO, Duration::ZERO);
-        let Due::Ping(first) = next(&mut k).await else { panic!("expected a ping") };
-        assert_eq!(Instant::now() - start, Duration::from_millis(200));
-        tokio::time::advance(Duration::from_millis(7)).await;
-        assert_eq!(k.pong_received(b"not ours", Instant::now()), None);
-        assert_eq!(k.pong_received(&first, Instant::now()), Some(Duration::from_millis(7)));
+        let mut k = Keepalive::new(LegTimers { ping_interval: ms(200), ..OFF }, OFF);
+        let (Side::Client, Due::Ping(first)) = next(&mut k).await else { panic!("expected a client ping") };
+        assert_eq!(Instant::now() - start, ms(200));
+        tokio::time::advance(ms(7)).await;
+        assert_eq!(k.pong_received(Side::Upstream, &first, Instant::now()), None, "the other leg's pong");
+        assert_eq!(k.pong_received(Side::Client, b"not ours", Instant::now()), None);
+        assert_eq!(k.pong_received(Side::Client, &first, Instant::now()), Some(ms(7)));
         // Answered once: a duplicate pong is not measured again.
-        assert_eq!(k.pong_received(&first, Instant::now()), None);
-        let Due::Ping(second) = next(&mut k).await else { panic!("expected a ping") };
+        assert_eq!(k.pong_received(Side::Client, &first, Instant::now()), None);
+        let (_, Due::Ping(second)) = next(&mut k).await else { panic!("expected a ping") };
         assert_ne!(first, second);
-        assert_eq!(Instant::now() - start, Duration::from_millis(400));
+        assert_eq!(Instant::now() - start, ms(400), "pings stay on their grid");
     }
 
     #[tokio::test(start_paused = true)]
     async fn any_frame_defers_the_deadline() {
         let start = Instant::now();
-        let mut k = Keepalive::new(Duration::ZERO, Duration::ZERO, Duration::from_millis(300));
-        tokio::time::advance(Duration::from_millis(250)).await;
-        k.saw_frame(Instant::now());
-        assert_eq!(next(&mut k).await, Due::Dead);
-        assert_eq!(Instant::now() - start, Duration::from_millis(550));
+        let mut k = Keepalive::new(OFF, LegTimers { timeout: ms(300), ..OFF });
+        tokio::time::advance(ms(250)).await;
+        k.saw_frame(Side::Upstream, Instant::now());
+        assert_eq!(next(&mut k).await, (Side::Upstream, Due::Dead));
+        assert_eq!(Instant::now() - start, ms(550));
+        let stopped = tokio::time::timeout(Duration::from_secs(3600), next(&mut k)).await;
+        assert!(stopped.is_err(), "a dead connection's timers stop");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn unsolicited_pongs_and_disabled_timers() {
+    async fn both_legs_fall_due_together_on_one_timer() {
         let start = Instant::now();
-        let mut k = Keepalive::new(Duration::ZERO, Duration::from_millis(100), Duration::ZERO);
-        assert_eq!(next(&mut k).await, Due::Pong);
-        assert_eq!(next(&mut k).await, Due::Pong);
-        assert_eq!(Instant::now() - start, Duration::from_millis(200));
-        let mut off = Keepalive::new(Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let every = LegTimers { ping_interval: ms(100), ..OFF };
+        let mut k = Keepalive::new(every, LegTimers { pong_interval: ms(100), ..every });
+        for round in 1..=3 {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let (side, due) = next(&mut k).await;
+                got.push((side, matches!(due, Due::Ping(_))));
+            }
+            assert_eq!(got, [(Side::Client, true), (Side::Upstream, true), (Side::Upstream, false)]);
+            assert_eq!(Instant::now() - start, ms(100 * round), "all three at the same instant");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_stall_ticks_carry_on_at_the_period() {
+        let start = Instant::now();
+        let mut k = Keepalive::new(OFF, LegTimers { pong_interval: ms(100), ..OFF });
+        tokio::time::advance(ms(350)).await;
+        assert_eq!(next(&mut k).await, (Side::Upstream, Due::Pong));
+        assert_eq!(Instant::now() - start, ms(350));
+        assert_eq!(next(&mut k).await, (Side::Upstream, Due::Pong));
+        assert_eq!(Instant::now() - start, ms(450), "one tick, not a burst of the missed ones");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disabled_timers_never_fire() {
+        let mut off = Keepalive::new(OFF, OFF);
         let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut off)).await;
         assert!(waited.is_err(), "no timer may fire when all are off");
     }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::connections::ConnInfo;
 use crate::jsonping::JsonPingMatcher;
-use crate::keepalive::{Due, Keepalive};
+use crate::keepalive::{Due, Keepalive, LegTimers};
 use crate::metrics::{End, Metrics, Side};
 use crate::shutdown::CLOSE_BOUND;
 
@@ -160,7 +160,6 @@ fn read_failure(side: Side, e: &WsError) -> Ending {
 struct Leg<S> {
     side: Side,
     ws: S,
-    keepalive: Keepalive,
     /// A message from the other leg waiting for this sink: at most one, which is the backpressure.
     outbox: Option<Message>,
     control: VecDeque<Message>,
@@ -236,23 +235,20 @@ pub async fn run<S>(
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + EndTransport + Unpin,
 {
-    let leg = |side, ws, keepalive| Leg {
-        side,
-        ws,
-        keepalive,
-        outbox: None,
-        control: VecDeque::new(),
-        dirty: false,
-        urgent: false,
-    };
-    let mut legs = [
-        leg(Side::Client, client, Keepalive::new(settings.client_ping, Duration::ZERO, settings.client_timeout)),
-        leg(
-            Side::Upstream,
-            upstream,
-            Keepalive::new(settings.upstream_ping, settings.upstream_pong, settings.upstream_timeout),
-        ),
-    ];
+    let leg = |side, ws| Leg { side, ws, outbox: None, control: VecDeque::new(), dirty: false, urgent: false };
+    let mut legs = [leg(Side::Client, client), leg(Side::Upstream, upstream)];
+    let mut keepalive = Keepalive::new(
+        LegTimers {
+            ping_interval: settings.client_ping,
+            pong_interval: Duration::ZERO,
+            timeout: settings.client_timeout,
+        },
+        LegTimers {
+            ping_interval: settings.upstream_ping,
+            pong_interval: settings.upstream_pong,
+            timeout: settings.upstream_timeout,
+        },
+    );
     // Every relay shares one token, and polling its future takes the token's lock each time; so
     // the future is polled once, to register this task's waker, and afterwards only the flag is
     // read (a task's waker stays the same for its whole life).
@@ -274,10 +270,8 @@ where
             } else if closing.is_cancelled() {
                 return Poll::Ready(Event::Shutdown);
             }
-            for leg in &mut legs {
-                if let Poll::Ready(due) = leg.keepalive.poll_due(cx) {
-                    return Poll::Ready(Event::Timer(leg.side, due));
-                }
+            if let Poll::Ready((side, due)) = keepalive.poll_due(cx) {
+                return Poll::Ready(Event::Timer(side, due));
             }
             for leg in &mut legs {
                 if leg.poll_write(cx).is_err() {
@@ -332,7 +326,7 @@ where
             Event::Read(side, Some(Ok(msg))) => {
                 let now = *batch_clock.get_or_insert_with(Instant::now);
                 let src = side as usize;
-                legs[src].keepalive.saw_frame(now);
+                keepalive.saw_frame(side, now);
                 conn.saw_frame(side, now.into_std());
                 let stats = conn.leg(side);
                 match msg {
@@ -361,7 +355,7 @@ where
                     Message::Pong(payload) => {
                         metrics.pongs_received[src].inc();
                         stats.pongs_received.fetch_add(1, Relaxed);
-                        if let Some(rtt) = legs[src].keepalive.pong_received(&payload, now) {
+                        if let Some(rtt) = keepalive.pong_received(side, &payload, now) {
                             metrics.ping_rtt[src].observe(rtt.as_secs_f64());
                             stats.last_rtt_us.store((rtt.as_micros() as u64).max(1), Relaxed);
                         }
