@@ -2,6 +2,10 @@
 # Runs every cargo-fuzz target for SECONDS each (default 40) and fails on the first crash.
 #   fuzz/run.sh [SECONDS]            seeds from fuzz/corpus/<target>; new finds go to fuzz/target/finds
 #   MERGE=1 fuzz/run.sh [SECONDS]    then folds the finds into fuzz/corpus/<target> (minimised)
+#   SEED=1 RUNS=N fuzz/run.sh [SECONDS]
+#                                    a fixed seed and a count of inputs, SECONDS only as a cap: the
+#                                    same inputs on every machine (CI's regression gate; exploring
+#                                    is for the default, randomly seeded runs)
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`). The stable toolchain builds the
 # targets with RUSTC_BOOTSTRAP=1 (libFuzzer and the address sanitizer need -Z flags).
 # A crash leaves its input in fuzz/artifacts/<target>/; replay it with
@@ -12,14 +16,17 @@ cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
 targets=(json_ping config headers)
 declare -A max_len=([json_ping]=20000 [config]=4096 [headers]=4096)
+limits=(-max_total_time="$seconds")
+[ -n "${SEED:-}" ] && limits+=(-seed="$SEED")
+[ -n "${RUNS:-}" ] && limits+=(-runs="$RUNS")
 
 cargo fuzz build
 for target in "${targets[@]}"; do
     finds=target/finds/$target
     mkdir -p "$finds" "corpus/$target"
-    echo "=== fuzz $target for ${seconds}s"
+    echo "=== fuzz $target: ${limits[*]}"
     cargo fuzz run "$target" "$finds" "corpus/$target" -- \
-        -max_total_time="$seconds" -max_len="${max_len[$target]}" -timeout=10 -rss_limit_mb=2048 \
+        "${limits[@]}" -max_len="${max_len[$target]}" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 2>&1 | grep -E --line-buffered '^(#[0-9]+.*(DONE|pulse)|==|SUMMARY|stat::number_of_executed_units|stat::peak_rss|Done|INFO: seed)|panicked|ERROR|crash-|artifact' \
         || { [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "fuzz target $target FAILED (see fuzz/artifacts/$target)"; exit 1; }; }
     if [ "${MERGE:-0}" = 1 ]; then
@@ -28,4 +35,4 @@ for target in "${targets[@]}"; do
         echo "corpus/$target: $(ls "corpus/$target" | wc -l) inputs, $(du -sh "corpus/$target" | cut -f1)"
     fi
 done
-echo "fuzzing: all targets ran ${seconds}s without a crash"
+echo "fuzzing: every target ran (${limits[*]}) without a crash"
