@@ -7,11 +7,16 @@
 //!
 //! Both legs share a single `Sleep`, armed at the earliest of their deadlines, and periodic timers
 //! stay on their grid (start + k × period). With equal intervals both legs' pings therefore fall
-//! due together and go out in one wake-up: at scale, task wake-ups and timer-wheel entries are
-//! what idle keepalive costs.
+//! due together and go out in one wake-up.
+//!
+//! The sleep is also released on a coarse grid shared by every connection (`coalescing`): a
+//! timer fires up to 1/16 of its period late (at most 250 ms), so the pings of thousands of
+//! connections leave in bursts. A burst wakes the peers and wskeep itself once instead of once
+//! per connection; at scale those wake-ups, not the pings, are what keepalive costs.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -118,18 +123,47 @@ impl LegState {
     }
 }
 
+/// How late a connection's timers may fire so that they share slots with other connections':
+/// 1/16 of the shortest period or timeout, from 1 ms (the timer wheel's own resolution) to 250 ms.
+pub fn coalescing(legs: &[LegTimers]) -> Duration {
+    legs.iter()
+        .flat_map(|t| [t.ping_interval, t.pong_interval, t.timeout])
+        .filter(|d| !d.is_zero())
+        .min()
+        .map_or(Duration::ZERO, |d| (d / 16).clamp(Duration::from_millis(1), Duration::from_millis(250)))
+}
+
+/// `at` rounded up to the next multiple of `step` counted from a process-wide origin, so that
+/// connections with the same settings land in the same slots.
+fn on_grid(at: Instant, step: Duration) -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let step = step.as_nanos();
+    if step == 0 {
+        return at;
+    }
+    // An instant from before the origin (a test clock) is left as it is: never earlier than asked.
+    let since = at.saturating_duration_since(*ORIGIN.get_or_init(Instant::now)).as_nanos();
+    match since % step {
+        0 => at,
+        // Below `step`, which is at most 250 ms: the cast cannot truncate.
+        rem => at + Duration::from_nanos((step - rem) as u64),
+    }
+}
+
 pub struct Keepalive {
     legs: [LegState; 2],
     /// Armed at the earliest deadline of both legs; `None` when every timer is off.
     sleep: Option<Pin<Box<Sleep>>>,
+    slack: Duration,
 }
 
 impl Keepalive {
-    pub fn new(client: LegTimers, upstream: LegTimers) -> Keepalive {
+    /// `slack`: how late a timer may fire to share a slot (see `coalescing`; zero: exact).
+    pub fn new(client: LegTimers, upstream: LegTimers, slack: Duration) -> Keepalive {
         let now = Instant::now();
         let legs = [LegState::new(client, now), LegState::new(upstream, now)];
         let first = legs.iter().filter_map(LegState::next_deadline).min();
-        Keepalive { legs, sleep: first.map(|at| Box::pin(tokio::time::sleep_until(at))) }
+        Keepalive { legs, sleep: first.map(|at| Box::pin(tokio::time::sleep_until(on_grid(at, slack)))), slack }
     }
 
     /// A frame arrived from the peer on this side.
@@ -168,7 +202,7 @@ impl Keepalive {
                 self.sleep = None;
                 return Poll::Pending;
             };
-            sleep.as_mut().reset(next);
+            sleep.as_mut().reset(on_grid(next, self.slack));
         }
         Poll::Pending
     }
@@ -193,7 +227,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pings_at_the_interval_and_measures_the_answer() {
         let start = Instant::now();
-        let mut k = Keepalive::new(LegTimers { ping_interval: ms(200), ..OFF }, OFF);
+        let mut k = Keepalive::new(LegTimers { ping_interval: ms(200), ..OFF }, OFF, Duration::ZERO);
         let (Side::Client, Due::Ping(first)) = next(&mut k).await else { panic!("expected a client ping") };
         assert_eq!(Instant::now() - start, ms(200));
         tokio::time::advance(ms(7)).await;
@@ -210,7 +244,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn any_frame_defers_the_deadline() {
         let start = Instant::now();
-        let mut k = Keepalive::new(OFF, LegTimers { timeout: ms(300), ..OFF });
+        let mut k = Keepalive::new(OFF, LegTimers { timeout: ms(300), ..OFF }, Duration::ZERO);
         tokio::time::advance(ms(250)).await;
         k.saw_frame(Side::Upstream, Instant::now());
         assert_eq!(next(&mut k).await, (Side::Upstream, Due::Dead));
@@ -223,7 +257,7 @@ mod tests {
     async fn both_legs_fall_due_together_on_one_timer() {
         let start = Instant::now();
         let every = LegTimers { ping_interval: ms(100), ..OFF };
-        let mut k = Keepalive::new(every, LegTimers { pong_interval: ms(100), ..every });
+        let mut k = Keepalive::new(every, LegTimers { pong_interval: ms(100), ..every }, Duration::ZERO);
         for round in 1..=3 {
             let mut got = Vec::new();
             for _ in 0..3 {
@@ -238,7 +272,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_a_stall_ticks_carry_on_at_the_period() {
         let start = Instant::now();
-        let mut k = Keepalive::new(OFF, LegTimers { pong_interval: ms(100), ..OFF });
+        let mut k = Keepalive::new(OFF, LegTimers { pong_interval: ms(100), ..OFF }, Duration::ZERO);
         tokio::time::advance(ms(350)).await;
         assert_eq!(next(&mut k).await, (Side::Upstream, Due::Pong));
         assert_eq!(Instant::now() - start, ms(350));
@@ -246,9 +280,45 @@ mod tests {
         assert_eq!(Instant::now() - start, ms(450), "one tick, not a burst of the missed ones");
     }
 
+    #[test]
+    fn slack_is_a_sixteenth_of_the_shortest_timer_within_bounds() {
+        let t = |p, q, o| LegTimers { ping_interval: ms(p), pong_interval: ms(q), timeout: ms(o) };
+        assert_eq!(coalescing(&[t(1000, 0, 5000), t(0, 0, 30_000)]), ms(1000) / 16);
+        assert_eq!(coalescing(&[t(20_000, 0, 60_000), t(0, 0, 0)]), ms(250));
+        assert_eq!(coalescing(&[t(8, 0, 0), OFF]), ms(1));
+        assert_eq!(coalescing(&[OFF, OFF]), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_opened_apart_ping_in_a_few_shared_slots() {
+        let every = LegTimers { ping_interval: ms(1000), ..OFF };
+        let slack = coalescing(&[every]);
+        // 100 connections opened 1 ms apart.
+        let mut conns = Vec::new();
+        for _ in 0..100 {
+            conns.push((Keepalive::new(every, OFF, slack), Instant::now() + ms(1000), None));
+            tokio::time::advance(ms(1)).await;
+        }
+        while conns.iter().any(|(_, _, fired)| fired.is_none()) {
+            tokio::time::advance(ms(1)).await;
+            for (k, _, fired) in conns.iter_mut().filter(|c| c.2.is_none()) {
+                if tokio::time::timeout(Duration::ZERO, next(k)).await.is_ok() {
+                    *fired = Some(Instant::now());
+                }
+            }
+        }
+        let mut slots: Vec<Instant> = conns.iter().filter_map(|c| c.2).collect();
+        for (_, due, fired) in &conns {
+            let fired = fired.unwrap_or(*due);
+            assert!(fired >= *due && fired <= *due + slack + ms(1), "fired {:?} after due", fired - *due);
+        }
+        slots.dedup();
+        assert!(slots.len() <= 3, "100 pings over 100 ms fall in 62.5 ms slots, got {} instants", slots.len());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn disabled_timers_never_fire() {
-        let mut off = Keepalive::new(OFF, OFF);
+        let mut off = Keepalive::new(OFF, OFF, Duration::ZERO);
         let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut off)).await;
         assert!(waited.is_err(), "no timer may fire when all are off");
     }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::connections::ConnInfo;
 use crate::jsonping::JsonPingMatcher;
-use crate::keepalive::{Due, Keepalive, LegTimers};
+use crate::keepalive::{self, Due, Keepalive, LegTimers};
 use crate::metrics::{End, Metrics, Side};
 use crate::shutdown::CLOSE_BOUND;
 
@@ -237,7 +237,7 @@ where
 {
     let leg = |side, ws| Leg { side, ws, outbox: None, control: VecDeque::new(), dirty: false, urgent: false };
     let mut legs = [leg(Side::Client, client), leg(Side::Upstream, upstream)];
-    let mut keepalive = Keepalive::new(
+    let timers = [
         LegTimers {
             ping_interval: settings.client_ping,
             pong_interval: Duration::ZERO,
@@ -248,7 +248,8 @@ where
             pong_interval: settings.upstream_pong,
             timeout: settings.upstream_timeout,
         },
-    );
+    ];
+    let mut keepalive = Keepalive::new(timers[0], timers[1], keepalive::coalescing(&timers));
     // Every relay shares one token, and polling its future takes the token's lock each time; so
     // the future is polled once, to register this task's waker, and afterwards only the flag is
     // read (a task's waker stays the same for its whole life).
