@@ -6,7 +6,7 @@
 //! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
 //!   `headers` (forwarding rules and upgrade validation)
 //! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
-//! - `keepalive`, `jsonping`, `readahead`: the per-leg timers, the JSON ping matcher and the
+//! - `keepalive`, `jsonping`, `readahead`: both legs' timers, the JSON ping matcher and the
 //!   leg socket (read-ahead only while data flows) the relay uses
 //! - `shutdown`: drain and close phases, signals
 //! - `tls`: certificate loading and hot reload
