@@ -157,6 +157,16 @@ mod tests {
     }
 
     #[test]
+    fn numbers_beyond_f64_are_valid_json_and_echo_as_written() {
+        // Found by the fuzzer: `serde_json::Value` refuses `1e99999` ("number out of range"),
+        // but RFC 8259 allows it; the ping is answered and the number comes back untouched.
+        let m = matcher(false);
+        let reply = m.answer(r#"{"type":"ping","ts":1e99999,"other":[-1e-99999]}"#).unwrap();
+        assert!(reply.contains(r#""ts":1e99999"#), "{reply}");
+        assert_eq!(m.answer(r#"{"type":"ping","ts":1e99999"#), None, "still not JSON");
+    }
+
+    #[test]
     fn huge_messages_are_not_parsed() {
         let m = matcher(false);
         let padding = "x".repeat(MAX_PING_LEN);
