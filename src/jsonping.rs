@@ -22,7 +22,8 @@ pub struct JsonPingMatcher {
     key_finders: Vec<Finder<'static>>,
     /// The reply's own fields, serialised once: (key, `"key":value`).
     reply: Vec<(String, String)>,
-    echo_fields: Vec<String>,
+    /// Fields copied from the ping, each with its key serialised once: (name, `"name":`).
+    echo_fields: Vec<(String, String)>,
     pub forward: bool,
 }
 
@@ -35,10 +36,10 @@ impl JsonPingMatcher {
         let key_finders =
             config.match_fields.keys().map(|k| Finder::new(json_string(k).as_bytes()).into_owned()).collect();
         let reply = config.reply.iter().map(|(k, v)| (k.clone(), format!("{}:{v}", json_string(k)))).collect();
-        let mut echo_fields: Vec<String> = Vec::new();
+        let mut echo_fields: Vec<(String, String)> = Vec::new();
         for field in &config.echo_fields {
-            if !echo_fields.contains(field) {
-                echo_fields.push(field.clone());
+            if !echo_fields.iter().any(|(f, _)| f == field) {
+                echo_fields.push((field.clone(), format!("{}:", json_string(field))));
             }
         }
         Some(JsonPingMatcher {
@@ -68,20 +69,19 @@ impl JsonPingMatcher {
         if !self.fields.iter().all(matches) {
             return None;
         }
-        let echoed: Vec<(&String, &RawValue)> =
-            self.echo_fields.iter().filter_map(|f| ping.get(f).map(|raw| (f, *raw))).collect();
+        let echoed: Vec<(&String, &String, &RawValue)> =
+            self.echo_fields.iter().filter_map(|(f, key)| ping.get(f).map(|raw| (f, key, *raw))).collect();
         let mut out = String::with_capacity(64);
         out.push('{');
         // Echoed fields take precedence over reply fields of the same name.
         for (key, pair) in &self.reply {
-            if !echoed.iter().any(|(f, _)| *f == key) {
+            if !echoed.iter().any(|(f, _, _)| *f == key) {
                 out.push_str(pair);
                 out.push(',');
             }
         }
-        for (field, raw) in echoed {
-            out.push_str(&json_string(field));
-            out.push(':');
+        for (_, key, raw) in echoed {
+            out.push_str(key);
             out.push_str(raw.get());
             out.push(',');
         }
