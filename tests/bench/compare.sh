@@ -65,21 +65,8 @@ hz=$(getconf CLK_TCK)
 secs() { python3 -c "import sys,re; m=re.fullmatch(r'(\d+(?:\.\d+)?)(ms|s|m)?', sys.argv[1]); v=float(m[1]); print(int(v/1000 if m[2]=='ms' else v*60 if m[2]=='m' else v))" "$1"; }
 dur_s=$(secs "$DURATION"); idle_hold_s=$(secs "$IDLE_HOLD")
 
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source tests/bench/lib.sh
 
-# Forget a PID once it has been reaped, so cleanup never signals a recycled PID.
-forget() { local p keep=(); for p in "${pids[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done; pids=("${keep[@]}"); }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 log() { echo "[$(date +%T)] $*" >&2; }
 
 # Stops one process we started (and, for nginx, its worker): TERM, up to 10 s, then KILL.
@@ -249,6 +236,18 @@ url() {
 }
 tls() { [[ $current == direct ]] || echo --insecure; }
 
+# finish_idle PID HOLD_SECONDS: waits for a `bench idle` run (KILL two minutes past its hold),
+# then sets `json` to its JSON line; fails, with its log's tail, if it did not succeed. Not in a
+# subshell: `wait` needs the PID to be this shell's child.
+finish_idle() {
+  local bpid=$1 hold=$2 ok= rc=0
+  for _ in $(seq $(( (hold + 120) * 10 ))); do kill -0 "$bpid" 2>/dev/null || { ok=1; break; }; sleep 0.1; done
+  [[ -n $ok ]] || { kill -KILL "$bpid" 2>/dev/null || true; echo "bench idle did not finish" >&2; }
+  wait "$bpid" || rc=$?; forget "$bpid"
+  (( rc == 0 )) || { echo "bench idle failed ($tag):" >&2; tail -5 "$OUT/$tag.log" >&2; return 1; }
+  json=$(tail -1 "$OUT/$tag.log")
+}
+
 # bench_cpu LOGNAME TIMEOUT ARGS...: runs the load generator on CPU 0, proxy ticks around it.
 bench_cpu() {
   local name=$1 limit=$2; shift 2
@@ -301,12 +300,7 @@ scenario() {
       [[ -n $proxy_pid ]] && t1=$(ticks)
       sleep $(( idle_hold_s / 2 ))
       [[ -n $proxy_pid ]] && during=$(conn_rss_kb)
-      local ok=
-      for _ in $(seq $(( (idle_hold_s + 120) * 10 ))); do kill -0 "$bpid" 2>/dev/null || { ok=1; break; }; sleep 0.1; done
-      [[ -n $ok ]] || { kill -KILL "$bpid" 2>/dev/null || true; echo "bench idle did not finish" >&2; }
-      local rc=0; wait "$bpid" || rc=$?; forget "$bpid"
-      (( rc == 0 )) || { echo "bench idle failed ($tag):" >&2; tail -5 "$OUT/$tag.log" >&2; stop_all; return 0; }
-      json=$(tail -1 "$OUT/$tag.log")
+      finish_idle "$bpid" "$idle_hold_s" || { stop_all; return 0; }
       local opened; opened=$(jget "$json" opened)
       result s4.handshakes "$(jget "$json" handshakes_per_second)"
       result s4.lost "$(( $(jget "$json" lost) + $(jget "$json" failed) ))"
@@ -331,12 +325,7 @@ scenario() {
       else
         echo "scenario 5: only ${active:-0} of $IDLE_CONNS connections came up; no CPU figure" >&2
       fi
-      local ok=
-      for _ in $(seq $(( (KEEPALIVE_HOLD + 120) * 10 ))); do kill -0 "$bpid" 2>/dev/null || { ok=1; break; }; sleep 0.1; done
-      [[ -n $ok ]] || { kill -KILL "$bpid" 2>/dev/null || true; echo "bench idle did not finish" >&2; }
-      local rc=0; wait "$bpid" || rc=$?; forget "$bpid"
-      (( rc == 0 )) || { echo "bench idle failed ($tag):" >&2; tail -5 "$OUT/$tag.log" >&2; stop_all; return 0; }
-      json=$(tail -1 "$OUT/$tag.log")
+      finish_idle "$bpid" "$KEEPALIVE_HOLD" || { stop_all; return 0; }
       curl -fs "http://127.0.0.1:$admin_port/metrics" >"$OUT/$tag.metrics" || true
       result s5.lost "$(( $(jget "$json" lost) + $(jget "$json" failed) ))"
       if (( rss > 0 )); then

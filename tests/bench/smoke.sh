@@ -3,12 +3,8 @@
 # in front of `wskeep bench echo`. Figures are not checked here; README's come from longer runs.
 set -euo pipefail
 bin=${1:-target/release/wskeep}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 up=$(free_port); port=$(free_port); admin=$(free_port)
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
 
 "$bin" bench echo --listen "127.0.0.1:$up" >"$dir/echo.log" 2>&1 & pids+=($!)
 cat >"$dir/wskeep.toml" <<TOML

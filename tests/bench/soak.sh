@@ -31,17 +31,7 @@ idle_conns=$((SOAK_CONNS - SOAK_ACTIVE))
 
 ulimit -n "$(ulimit -Hn)"
 hz=$(getconf CLK_TCK)
-dir=$(mktemp -d); pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source tests/bench/lib.sh
 log() { echo "[$(date +%T)] $*" >&2; }
 up=$(free_port); port=$(free_port); admin=$(free_port)
 metrics() { curl -fs --max-time 5 "http://127.0.0.1:$admin/metrics"; }
