@@ -41,22 +41,27 @@ const FLUSH_EVERY: u32 = 64;
 
 /// What the relay needs to know beyond the two streams.
 pub struct RelaySettings {
-    pub client_ping: Duration,
-    pub client_timeout: Duration,
-    pub upstream_ping: Duration,
-    pub upstream_pong: Duration,
-    pub upstream_timeout: Duration,
+    /// Keepalive of the client leg, then of the upstream leg.
+    pub timers: [LegTimers; 2],
     pub json_ping: Option<Arc<JsonPingMatcher>>,
 }
 
 impl RelaySettings {
     pub fn from_config(config: &Config) -> RelaySettings {
+        let (client, upstream) = (&config.client_keepalive, &config.upstream_keepalive);
         RelaySettings {
-            client_ping: config.client_keepalive.ping_interval,
-            client_timeout: config.client_keepalive.timeout,
-            upstream_ping: config.upstream_keepalive.ping_interval,
-            upstream_pong: config.upstream_keepalive.pong_interval,
-            upstream_timeout: config.upstream_keepalive.timeout,
+            timers: [
+                LegTimers {
+                    ping_interval: client.ping_interval,
+                    pong_interval: Duration::ZERO,
+                    timeout: client.timeout,
+                },
+                LegTimers {
+                    ping_interval: upstream.ping_interval,
+                    pong_interval: upstream.pong_interval,
+                    timeout: upstream.timeout,
+                },
+            ],
             json_ping: JsonPingMatcher::new(&config.json_ping).map(Arc::new),
         }
     }
@@ -237,19 +242,8 @@ where
 {
     let leg = |side, ws| Leg { side, ws, outbox: None, control: VecDeque::new(), dirty: false, urgent: false };
     let mut legs = [leg(Side::Client, client), leg(Side::Upstream, upstream)];
-    let timers = [
-        LegTimers {
-            ping_interval: settings.client_ping,
-            pong_interval: Duration::ZERO,
-            timeout: settings.client_timeout,
-        },
-        LegTimers {
-            ping_interval: settings.upstream_ping,
-            pong_interval: settings.upstream_pong,
-            timeout: settings.upstream_timeout,
-        },
-    ];
-    let mut keepalive = Keepalive::new(timers[0], timers[1], keepalive::coalescing(&timers));
+    let [client_timers, upstream_timers] = settings.timers;
+    let mut keepalive = Keepalive::new(client_timers, upstream_timers, keepalive::coalescing(&settings.timers));
     // Every relay shares one token, and polling its future takes the token's lock each time; so
     // the future is polled once, to register this task's waker, and afterwards only the flag is
     // read (a task's waker stays the same for its whole life).

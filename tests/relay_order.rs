@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use wskeep::connections::ConnInfo;
+use wskeep::keepalive::LegTimers;
 use wskeep::metrics::{End, Metrics};
 use wskeep::relay::{self, RelaySettings};
 
@@ -153,14 +154,8 @@ async fn peer(ws: Ws, outgoing: Vec<Message>, close: Option<(CloseFrame, Option<
 async fn run(case: Case) -> Result<(), TestCaseError> {
     let (client_peer, client_end) = pipe(case.pipe, Role::Server).await;
     let (upstream_peer, upstream_end) = pipe(case.pipe, Role::Client).await;
-    let settings = RelaySettings {
-        client_ping: Duration::ZERO,
-        client_timeout: Duration::ZERO,
-        upstream_ping: Duration::ZERO,
-        upstream_pong: Duration::ZERO,
-        upstream_timeout: Duration::ZERO,
-        json_ping: None,
-    };
+    let off = LegTimers { ping_interval: Duration::ZERO, pong_interval: Duration::ZERO, timeout: Duration::ZERO };
+    let settings = RelaySettings { timers: [off, off], json_ping: None };
     let conn = ConnInfo {
         id: 1,
         peer: SocketAddr::from(([127, 0, 0, 1], 1)),
