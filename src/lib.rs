@@ -6,8 +6,8 @@
 //! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
 //!   `headers` (forwarding rules and upgrade validation)
 //! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
-//! - `keepalive`, `jsonping`, `readahead`: both legs' timers, the JSON ping matcher and the
-//!   leg socket (read-ahead only while data flows) the relay uses
+//! - `frame`, `legstream`, `keepalive`, `jsonping`: what the relay uses: WebSocket frames, each
+//!   leg's transport, both legs' timers and the JSON ping matcher
 //! - `shutdown`: drain and close phases, signals
 //! - `tls`: certificate loading and hot reload
 //! - `metrics`, `connections`, `admin`, `telemetry`: what operators see
@@ -19,13 +19,14 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod demo;
+pub mod frame;
 pub mod jsonping;
 pub mod keepalive;
 pub mod legacy;
+pub mod legstream;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
-pub mod readahead;
 pub mod relay;
 pub mod server;
 pub mod shutdown;

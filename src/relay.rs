@@ -1,49 +1,54 @@
 //! The life of one proxied WebSocket connection: relay, keepalive and ending, in one task.
 //!
-//! One `poll_fn` drives both legs: it writes what is queued, reads the next message from a leg
-//! only when the other leg has room for it (so a slow reader backpressures the sender instead of
-//! growing a buffer), fires the keepalive timers, and flushes data once nothing more is ready to
-//! read (control frames are flushed at once). The first ending it sees (a close frame, a lost
-//! leg, a timeout, an oversized or malformed frame, shutdown) decides what each leg is sent; the
-//! closing handshakes then run on both legs together, bounded by `CLOSE_BOUND`.
+//! One `poll_fn` drives both legs. It forwards frames, not messages: each data frame goes from
+//! the bytes the transport has (rustls's buffer, or the stack) into the other leg's write buffer,
+//! unmasked and re-masked on the way, and becomes writable once it has fully arrived and passed
+//! its checks (UTF-8, size, the JSON ping matcher). Pings are answered on the leg they came from.
+//! A leg is read only while both legs' write buffers have room, so a slow reader backpressures
+//! the sender instead of growing a buffer; writes go out once nothing more is ready to read. The
+//! first ending it sees (a close frame, a lost leg, a timeout, a frame that breaks the protocol
+//! or the limits, shutdown) decides what each leg is sent; the closing handshakes then run on
+//! both legs together, bounded by `CLOSE_BOUND`.
 
-use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
-use std::pin::Pin;
+use std::io;
+use std::mem::MaybeUninit;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connections::ConnInfo;
+use crate::frame::{self, Control, DataFrame, FrameReader, Kind, Step, Utf8Check, Violation};
 use crate::jsonping::JsonPingMatcher;
 use crate::keepalive::{self, Due, Keepalive, LegTimers};
+use crate::legstream::LegStream;
 use crate::metrics::{End, Metrics, Side};
 use crate::shutdown::CLOSE_BOUND;
 
-/// wskeep's own frames waiting for one leg (pings, pongs, JSON pongs). Reading from the client
-/// stops while its queue is full, so a client that floods JSON pings and reads nothing is
-/// backpressured like any other.
-const CONTROL_QUEUE: usize = 8;
-/// Flush after this many events even if reads stay ready, so a busy leg cannot delay the other.
-const FLUSH_EVERY: u32 = 64;
+/// A leg is read only while neither leg has this much waiting to be written: a peer that
+/// cannot keep up slows down the one that sends.
+const HIGH_WATER: usize = 64 * 1024;
+/// A write buffer larger than this is released once written out, so a connection that once
+/// carried a large message does not keep that memory while idle.
+const KEEP_CAPACITY: usize = 4 * 1024;
+/// Write after this many reads even if more are ready, so a busy leg cannot delay the other.
+const FLUSH_EVERY: u32 = 16;
+/// The most one read takes from a plain socket, into a buffer on the stack (a TLS leg lends
+/// rustls's plaintext buffer instead).
+const SCRATCH: usize = 64 * 1024;
 
 /// What the relay needs to know beyond the two streams.
 pub struct RelaySettings {
     /// Keepalive of the client leg, then of the upstream leg.
     pub timers: [LegTimers; 2],
     pub json_ping: Option<Arc<JsonPingMatcher>>,
+    /// The largest message (and frame) either side may send.
+    pub max_message_size: u64,
 }
 
 impl RelaySettings {
@@ -63,6 +68,7 @@ impl RelaySettings {
                 },
             ],
             json_ping: JsonPingMatcher::new(&config.json_ping).map(Arc::new),
+            max_message_size: config.limits.max_message_size.0,
         }
     }
 }
@@ -75,41 +81,46 @@ pub struct Outcome {
     pub codes: [(Option<u16>, Option<u16>); 2],
 }
 
+/// A close frame's code and reason; `None` where a close frame carries no code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CloseMsg {
+    code: u16,
+    reason: String,
+}
+
+const GOING_AWAY: u16 = 1001;
+/// DESIGN.md's code for the client when the upstream fails (IANA: Bad Gateway).
+const BAD_GATEWAY: u16 = 1014;
+
+fn close(code: u16, reason: &str) -> Option<CloseMsg> {
+    Some(CloseMsg { code, reason: reason.to_owned() })
+}
+
+fn wire_code(close: &Option<CloseMsg>) -> u16 {
+    close.as_ref().map_or(1005, |c| c.code)
+}
+
 /// What happened first.
 #[derive(Debug)]
 enum Ending {
-    /// A close frame from this side (already answered by tungstenite).
-    Closed(Side, Option<CloseFrame>),
+    /// A close frame from this side.
+    Closed(Side, Option<CloseMsg>),
     /// The leg's connection failed without a close frame.
     Lost(Side),
     TimedOut(Side),
-    /// The side sent something wskeep must refuse: the code it is sent (1002, 1007, 1009).
-    Refused(Side, CloseCode, &'static str),
+    /// The side sent something wskeep must refuse: what it is told (1002, 1007, 1009).
+    Refused(Side, Violation),
     Shutdown,
 }
 
 /// What one leg gets in the closing phase.
 enum CloseAction {
-    /// It sent a close with this code: flush tungstenite's answer, which echoes it.
-    Answer(u16),
-    /// Send this close frame (after any message still queued for it), then await its answer.
-    Send(Option<CloseFrame>),
+    /// It sent this close: echo it back.
+    Answer(Option<CloseMsg>),
+    /// Send this close frame (after every message already complete for it), then await its answer.
+    Send(Option<CloseMsg>),
     /// The connection is gone: nothing can be written.
     Nothing,
-}
-
-fn frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
-    Some(CloseFrame { code, reason: reason.into() })
-}
-
-/// 1014 (Bad Gateway), which DESIGN.md sends the client when the upstream fails. tungstenite has
-/// no variant for it (`CloseCode::Again` is 1013), so it is built from the number.
-fn bad_gateway() -> CloseCode {
-    CloseCode::from(1014)
-}
-
-fn wire_code(frame: &Option<CloseFrame>) -> u16 {
-    frame.as_ref().map_or(1005, |f| u16::from(f.code))
 }
 
 impl Ending {
@@ -117,298 +128,417 @@ impl Ending {
     fn plan(self) -> (End, CloseAction, CloseAction) {
         use CloseAction::*;
         match self {
-            Ending::Closed(Side::Client, f) => (End::ClientClose, Answer(wire_code(&f)), Send(f)),
-            Ending::Closed(Side::Upstream, f) => {
-                let code = wire_code(&f);
-                (End::UpstreamClose, Send(f), Answer(code))
-            }
+            Ending::Closed(Side::Client, c) => (End::ClientClose, Answer(c.clone()), Send(c)),
+            Ending::Closed(Side::Upstream, c) => (End::UpstreamClose, Send(c.clone()), Answer(c)),
             Ending::TimedOut(Side::Client) => (
                 End::ClientTimeout,
-                Send(frame(CloseCode::Away, "client timed out")),
-                Send(frame(CloseCode::Away, "client timed out")),
+                Send(close(GOING_AWAY, "client timed out")),
+                Send(close(GOING_AWAY, "client timed out")),
             ),
             Ending::TimedOut(Side::Upstream) => (
                 End::UpstreamTimeout,
-                Send(frame(bad_gateway(), "upstream timed out")),
-                Send(frame(CloseCode::Away, "upstream timed out")),
+                Send(close(BAD_GATEWAY, "upstream timed out")),
+                Send(close(GOING_AWAY, "upstream timed out")),
             ),
-            Ending::Lost(Side::Client) => (End::ClientError, Nothing, Send(frame(CloseCode::Away, "client gone"))),
+            Ending::Lost(Side::Client) => (End::ClientError, Nothing, Send(close(GOING_AWAY, "client gone"))),
             Ending::Lost(Side::Upstream) => {
-                (End::UpstreamError, Send(frame(bad_gateway(), "upstream connection lost")), Nothing)
+                (End::UpstreamError, Send(close(BAD_GATEWAY, "upstream connection lost")), Nothing)
             }
-            Ending::Refused(Side::Client, code, reason) => {
-                (End::ClientError, Send(frame(code, reason)), Send(frame(CloseCode::Away, "client gone")))
+            Ending::Refused(Side::Client, v) => {
+                (End::ClientError, Send(close(v.code, v.reason)), Send(close(GOING_AWAY, "client gone")))
             }
-            Ending::Refused(Side::Upstream, code, reason) => {
-                (End::UpstreamError, Send(frame(CloseCode::Away, "upstream error")), Send(frame(code, reason)))
+            Ending::Refused(Side::Upstream, v) => {
+                (End::UpstreamError, Send(close(GOING_AWAY, "upstream error")), Send(close(v.code, v.reason)))
             }
             Ending::Shutdown => {
-                (End::Shutdown, Send(frame(CloseCode::Away, "going away")), Send(frame(CloseCode::Away, "going away")))
+                (End::Shutdown, Send(close(GOING_AWAY, "going away")), Send(close(GOING_AWAY, "going away")))
             }
         }
     }
 }
 
-/// Classifies a read error: a lost connection, or input the peer must be told off for.
-fn read_failure(side: Side, e: &WsError) -> Ending {
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            Ending::Refused(side, CloseCode::Size, "message too big")
+/// One leg's outgoing bytes: complete frames (`..committed`, of which `..written` are written),
+/// then the start of a data frame still arriving from the other leg, which is never written
+/// before it is whole and checked.
+struct Outbox {
+    buf: Vec<u8>,
+    committed: usize,
+    written: usize,
+    /// Bytes went to the transport since its last flush.
+    unflushed: bool,
+    /// Frames to this peer are masked: it is a server.
+    masked: bool,
+}
+
+impl Outbox {
+    fn new(masked: bool) -> Outbox {
+        Outbox { buf: Vec::new(), committed: 0, written: 0, unflushed: false, masked }
+    }
+
+    fn has_room(&self) -> bool {
+        self.committed - self.written < HIGH_WATER
+    }
+
+    fn mask(&self) -> Option<[u8; 4]> {
+        // RFC 6455 §5.3: a fresh, unpredictable key per frame.
+        self.masked.then(rand::random)
+    }
+
+    /// Appends a whole frame of wskeep's own where the next frame may go: after the complete
+    /// frames, before a data frame still arriving.
+    fn push_frame(&mut self, opcode: u8, payload: &[u8]) {
+        let mask = self.mask();
+        if self.committed == self.buf.len() {
+            write_frame(&mut self.buf, opcode, payload, mask);
+            self.committed = self.buf.len();
+        } else {
+            let mut whole = Vec::with_capacity(frame::MAX_HEAD + payload.len());
+            write_frame(&mut whole, opcode, payload, mask);
+            let len = whole.len();
+            self.buf.splice(self.committed..self.committed, whole);
+            self.committed += len;
         }
-        WsError::Utf8(_) => Ending::Refused(side, CloseCode::Invalid, "invalid UTF-8"),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Ending::Lost(side),
-        WsError::Protocol(_) | WsError::Capacity(_) => Ending::Refused(side, CloseCode::Protocol, "protocol error"),
-        _ => Ending::Lost(side),
+    }
+
+    /// Writes the complete frames and flushes the transport.
+    fn poll_write(&mut self, io: &mut LegStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.committed {
+            let n = ready!(io.poll_write(cx, &self.buf[self.written..self.committed]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+            self.unflushed = true;
+        }
+        if self.written > 0 {
+            if self.committed == self.buf.len() {
+                if self.buf.capacity() > KEEP_CAPACITY {
+                    self.buf = Vec::new();
+                } else {
+                    self.buf.clear();
+                }
+            } else {
+                self.buf.drain(..self.written);
+            }
+            self.committed -= self.written;
+            self.written = 0;
+        }
+        if self.unflushed {
+            ready!(io.poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-struct Leg<S> {
+fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+    frame::write_head(out, true, opcode, payload.len() as u64, mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
+        frame::apply_mask(&mut out[start..], key);
+    }
+}
+
+/// The data frame a leg is forwarding into the other leg's outbox, where it starts at
+/// `committed` (nothing else is ever appended behind it).
+#[derive(Default)]
+struct Forward {
+    head_len: usize,
+    /// The key it is re-masked with, towards a server.
+    mask: Option<[u8; 4]>,
+    /// The text message it belongs to, checked frame by frame.
+    utf8: Utf8Check,
+}
+
+struct Leg {
     side: Side,
-    ws: S,
-    /// A message from the other leg waiting for this sink: at most one, which is the backpressure.
-    outbox: Option<Message>,
-    control: VecDeque<Message>,
-    /// Something was written and not yet flushed.
-    dirty: bool,
-    /// A control frame is among it: flush without waiting for reads to settle.
-    urgent: bool,
+    io: LegStream,
+    reader: FrameReader,
+    out: Outbox,
+    forward: Forward,
 }
 
-impl<S> Leg<S>
-where
-    S: Sink<Message, Error = WsError> + Unpin,
-{
-    /// Queues wskeep's own frame; pings and pongs are dropped while the peer reads nothing (its
-    /// idle timer decides its fate), so the queue never grows past `CONTROL_QUEUE`.
-    fn push_control(&mut self, msg: Message) -> bool {
-        if self.control.len() >= CONTROL_QUEUE {
-            return false;
-        }
-        self.control.push_back(msg);
-        true
-    }
-
-    /// Hands queued frames to the sink while it accepts them; flushes control frames at once.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), WsError> {
-        while !self.control.is_empty() || self.outbox.is_some() {
-            match self.ws.poll_ready_unpin(cx) {
-                Poll::Ready(r) => r?,
-                Poll::Pending => return Ok(()),
-            }
-            if let Some(msg) = self.control.pop_front() {
-                self.urgent = true;
-                self.ws.start_send_unpin(msg)?;
-            } else if let Some(msg) = self.outbox.take() {
-                self.ws.start_send_unpin(msg)?;
-            }
-            self.dirty = true;
-        }
-        if self.urgent {
-            self.poll_flush(cx)?;
-        }
-        Ok(())
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Result<(), WsError> {
-        if self.dirty {
-            if let Poll::Ready(r) = self.ws.poll_flush_unpin(cx) {
-                r?;
-                self.dirty = false;
-                self.urgent = false;
-            }
-        }
-        Ok(())
-    }
-}
-
-enum Event {
-    Read(Side, Option<Result<Message, WsError>>),
-    Timer(Side, Due),
-    WriteFailed(Side),
-    Shutdown,
+/// What reads record against, besides the legs and the timers.
+#[derive(Clone, Copy)]
+struct Meters<'a> {
+    settings: &'a RelaySettings,
+    metrics: &'a Metrics,
+    conn: &'a ConnInfo,
 }
 
 /// Relays between `client` and `upstream` until the connection ends; returns how it ended.
-pub async fn run<S>(
-    client: S,
-    upstream: S,
+pub async fn run(
+    client: LegStream,
+    upstream: LegStream,
     settings: &RelaySettings,
     metrics: &Metrics,
     conn: &ConnInfo,
     closing: CancellationToken,
-) -> Outcome
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + EndTransport + Unpin,
-{
-    let leg = |side, ws| Leg { side, ws, outbox: None, control: VecDeque::new(), dirty: false, urgent: false };
-    let mut legs = [leg(Side::Client, client), leg(Side::Upstream, upstream)];
+) -> Outcome {
+    let leg = |side, io, from_client| Leg {
+        side,
+        io,
+        reader: FrameReader::new(from_client, settings.max_message_size),
+        out: Outbox::new(!from_client),
+        forward: Forward::default(),
+    };
+    let mut legs = [leg(Side::Client, client, true), leg(Side::Upstream, upstream, false)];
     let [client_timers, upstream_timers] = settings.timers;
     let mut keepalive = Keepalive::new(client_timers, upstream_timers, keepalive::coalescing(&settings.timers));
+    let meters = Meters { settings, metrics, conn };
     // Every relay shares one token, and polling its future takes the token's lock each time; so
     // the future is polled once, to register this task's waker, and afterwards only the flag is
     // read (a task's waker stays the same for its whole life).
     let mut close_signal = std::pin::pin!(closing.clone().cancelled_owned());
     let mut close_registered = false;
     let mut client_first = true;
-    let mut since_flush = 0u32;
-    // One clock read per batch of reads, not per message: a frame's arrival time only needs to
-    // be as fine as the batch it came in.
-    let mut batch_clock: Option<Instant> = None;
 
-    let ending = loop {
-        let event = poll_fn(|cx| {
-            if !close_registered {
-                close_registered = true;
-                if close_signal.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Shutdown);
-                }
-            } else if closing.is_cancelled() {
-                return Poll::Ready(Event::Shutdown);
+    let ending = poll_fn(|cx| {
+        if !close_registered {
+            close_registered = true;
+            if close_signal.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ending::Shutdown);
             }
-            if let Poll::Ready((side, due)) = keepalive.poll_due(cx) {
-                return Poll::Ready(Event::Timer(side, due));
-            }
-            for leg in &mut legs {
-                if leg.poll_write(cx).is_err() {
-                    return Poll::Ready(Event::WriteFailed(leg.side));
+        } else if closing.is_cancelled() {
+            return Poll::Ready(Ending::Shutdown);
+        }
+        let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
+        let mut reads = 0u32;
+        loop {
+            while let Poll::Ready((side, due)) = keepalive.poll_due(cx) {
+                let leg = &mut legs[side as usize];
+                match due {
+                    Due::Dead => return Poll::Ready(Ending::TimedOut(side)),
+                    // Pings and pongs are dropped while the peer reads nothing: its idle timer
+                    // decides its fate, and the buffer stays bounded.
+                    Due::Ping(payload) if leg.out.has_room() => {
+                        leg.out.push_frame(frame::OP_PING, &payload);
+                        metrics.pings_sent[side as usize].inc();
+                        conn.leg(side).pings_sent.fetch_add(1, Relaxed);
+                    }
+                    Due::Pong if leg.out.has_room() => leg.out.push_frame(frame::OP_PONG, &[]),
+                    Due::Ping(_) | Due::Pong => {}
                 }
             }
             // Alternate which leg reads first so that a busy leg cannot starve the other.
             client_first = !client_first;
-            let order = if client_first { [0, 1] } else { [1, 0] };
-            let may_read = since_flush < FLUSH_EVERY;
-            if may_read {
-                if let Some(event) = poll_reads(&mut legs, order, cx) {
-                    since_flush += 1;
-                    return Poll::Ready(event);
+            let room = legs.iter().all(|leg| leg.out.has_room());
+            let mut read = false;
+            if room {
+                for src in if client_first { [0, 1] } else { [1, 0] } {
+                    let [client, upstream] = &mut legs;
+                    let (from, to) = if src == 0 { (client, upstream) } else { (upstream, client) };
+                    match poll_read(from, to, &mut keepalive, meters, &mut scratch, cx) {
+                        Poll::Ready(Ok(())) => read = true,
+                        Poll::Ready(Err(ending)) => return Poll::Ready(ending),
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            if read {
+                reads += 1;
+                if reads < FLUSH_EVERY {
+                    continue;
                 }
             }
             // Nothing more to read right now (or a long run of reads): write out what they made.
-            since_flush = 0;
-            batch_clock = None;
+            reads = 0;
             for leg in &mut legs {
-                if leg.poll_flush(cx).is_err() {
-                    return Poll::Ready(Event::WriteFailed(leg.side));
+                if let Poll::Ready(Err(e)) = leg.out.poll_write(&mut leg.io, cx) {
+                    tracing::debug!(conn = conn.id, side = leg.side.as_str(), error = %e, "write failed");
+                    return Poll::Ready(Ending::Lost(leg.side));
                 }
             }
-            if !may_read {
-                if let Some(event) = poll_reads(&mut legs, order, cx) {
-                    return Poll::Ready(event);
-                }
-            }
-            Poll::Pending
-        })
-        .await;
-
-        match event {
-            Event::Shutdown => break Ending::Shutdown,
-            Event::WriteFailed(side) => break Ending::Lost(side),
-            Event::Timer(side, Due::Dead) => break Ending::TimedOut(side),
-            Event::Timer(side, Due::Ping(payload)) => {
-                if legs[side as usize].push_control(Message::Ping(payload)) {
-                    metrics.pings_sent[side as usize].inc();
-                    conn.leg(side).pings_sent.fetch_add(1, Relaxed);
-                }
-            }
-            Event::Timer(side, Due::Pong) => {
-                legs[side as usize].push_control(Message::Pong(Default::default()));
-            }
-            Event::Read(side, None) => break Ending::Lost(side),
-            Event::Read(side, Some(Err(e))) => {
-                tracing::debug!(conn = conn.id, side = side.as_str(), error = %e, "read failed");
-                break read_failure(side, &e);
-            }
-            Event::Read(side, Some(Ok(msg))) => {
-                let now = *batch_clock.get_or_insert_with(Instant::now);
-                let src = side as usize;
-                keepalive.saw_frame(side, now);
-                conn.saw_frame(side, now.into_std());
-                let stats = conn.leg(side);
-                match msg {
-                    Message::Text(ref text) => {
-                        if side == Side::Client {
-                            if let Some(matcher) = &settings.json_ping {
-                                if let Some(reply) = matcher.answer(text.as_str()) {
-                                    legs[src].push_control(Message::text(reply));
-                                    metrics.json_pings_answered.inc();
-                                    if !matcher.forward {
-                                        continue;
-                                    }
-                                }
-                            }
-                        }
-                        relay_message(&mut legs[1 - src], msg, side, metrics, stats);
-                    }
-                    Message::Binary(_) => relay_message(&mut legs[1 - src], msg, side, metrics, stats),
-                    Message::Ping(_) => {
-                        // tungstenite has queued the pong; make sure it goes out now.
-                        metrics.pings_answered[src].inc();
-                        stats.pings_answered.fetch_add(1, Relaxed);
-                        legs[src].dirty = true;
-                        legs[src].urgent = true;
-                    }
-                    Message::Pong(payload) => {
-                        metrics.pongs_received[src].inc();
-                        stats.pongs_received.fetch_add(1, Relaxed);
-                        if let Some(rtt) = keepalive.pong_received(side, &payload, now) {
-                            metrics.ping_rtt[src].observe(rtt.as_secs_f64());
-                            stats.last_rtt_us.store((rtt.as_micros() as u64).max(1), Relaxed);
-                        }
-                    }
-                    Message::Close(frame) => break Ending::Closed(side, frame),
-                    // Raw frames only exist on the write side.
-                    Message::Frame(_) => {}
-                }
+            // Go round again after a long run of reads, or when writing made room to read.
+            if !read && (room || !legs.iter().all(|leg| leg.out.has_room())) {
+                return Poll::Pending;
             }
         }
-    };
+    })
+    .await;
     tracing::debug!(conn = conn.id, ending = ?ending, "connection ending");
     // Boxed: the closing phase is large and short-lived; keeping it out of the relay future keeps
     // every idle connection small.
     Box::pin(finish(legs, ending, metrics)).await
 }
 
-/// Reads the next message from a leg whose destination has room for it.
-fn poll_reads<S>(legs: &mut [Leg<S>; 2], order: [usize; 2], cx: &mut Context<'_>) -> Option<Event>
-where
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-{
-    for src in order {
-        if legs[1 - src].outbox.is_none() && legs[src].control.len() < CONTROL_QUEUE {
-            if let Poll::Ready(item) = legs[src].ws.poll_next_unpin(cx) {
-                return Some(Event::Read(legs[src].side, item));
+/// Reads what `from` has and handles every frame in it; `Err` is how the connection ends.
+fn poll_read(
+    from: &mut Leg,
+    to: &mut Leg,
+    keepalive: &mut Keepalive,
+    meters: Meters<'_>,
+    scratch: &mut [MaybeUninit<u8>],
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Ending>> {
+    let side = from.side;
+    let Leg { io, reader, out: back, forward, .. } = from;
+    let read = io.poll_read_with(cx, scratch, |bytes| {
+        if bytes.is_empty() {
+            return Err(Ending::Lost(side));
+        }
+        // One clock read per read: a frame's arrival time needs no finer grain.
+        let now = Instant::now();
+        keepalive.saw_frame(side, now);
+        meters.conn.saw_frame(side, now.into_std());
+        let mut relayed = Relayed::default();
+        let result = read_frames(side, bytes, reader, forward, back, &mut to.out, keepalive, meters, now, &mut relayed);
+        relayed.record(side, meters);
+        result
+    });
+    match ready!(read) {
+        Ok(result) => Poll::Ready(result),
+        Err(e) => {
+            tracing::debug!(conn = meters.conn.id, side = side.as_str(), error = %e, "read failed");
+            Poll::Ready(Err(Ending::Lost(side)))
+        }
+    }
+}
+
+/// Messages and payload bytes relayed by one read, recorded together.
+#[derive(Default)]
+struct Relayed {
+    messages: u64,
+    bytes: u64,
+}
+
+impl Relayed {
+    fn record(&self, from: Side, meters: Meters<'_>) {
+        if self.bytes == 0 && self.messages == 0 {
+            return;
+        }
+        let (metrics, stats) = (meters.metrics, meters.conn.leg(from));
+        metrics.messages[from as usize].inc_by(self.messages);
+        metrics.message_bytes[from as usize].inc_by(self.bytes);
+        stats.messages.fetch_add(self.messages, Relaxed);
+        stats.bytes.fetch_add(self.bytes, Relaxed);
+    }
+}
+
+/// Handles every frame (or part of one) in `bytes`: data goes to `out`, answers to `back`.
+#[allow(clippy::too_many_arguments)]
+fn read_frames(
+    side: Side,
+    mut bytes: &[u8],
+    reader: &mut FrameReader,
+    forward: &mut Forward,
+    back: &mut Outbox,
+    out: &mut Outbox,
+    keepalive: &mut Keepalive,
+    meters: Meters<'_>,
+    now: Instant,
+    relayed: &mut Relayed,
+) -> Result<(), Ending> {
+    let src = side as usize;
+    let (metrics, stats) = (meters.metrics, meters.conn.leg(side));
+    let refuse = |v: Violation| Ending::Refused(side, v);
+    while let Some(step) = reader.next(&mut bytes).map_err(refuse)? {
+        match step {
+            Step::Data { frame, bytes, offset } => {
+                forward_piece(side, frame, bytes, offset, forward, out, back, meters, relayed).map_err(refuse)?
+            }
+            Step::Control(Control::Ping) => {
+                back.push_frame(frame::OP_PONG, reader.control_payload());
+                metrics.pings_answered[src].inc();
+                stats.pings_answered.fetch_add(1, Relaxed);
+            }
+            Step::Control(Control::Pong) => {
+                metrics.pongs_received[src].inc();
+                stats.pongs_received.fetch_add(1, Relaxed);
+                if let Some(rtt) = keepalive.pong_received(side, reader.control_payload(), now) {
+                    metrics.ping_rtt[src].observe(rtt.as_secs_f64());
+                    stats.last_rtt_us.store((rtt.as_micros() as u64).max(1), Relaxed);
+                }
+            }
+            Step::Control(Control::Close) => {
+                let close = frame::parse_close(reader.control_payload()).map_err(refuse)?;
+                let close = close.map(|(code, reason)| CloseMsg { code, reason: reason.to_owned() });
+                return Err(Ending::Closed(side, close));
             }
         }
     }
-    None
+    Ok(())
 }
 
-fn relay_message<S>(
-    dst: &mut Leg<S>,
-    msg: Message,
+/// Copies a piece of a data frame into `out`; once the frame is whole, checks it and makes it
+/// writable (or, for a JSON ping that is not forwarded, drops it after answering on `back`).
+#[allow(clippy::too_many_arguments)]
+fn forward_piece(
     from: Side,
-    metrics: &Metrics,
-    stats: &crate::connections::LegStats,
-) {
-    let len = msg.len() as u64;
-    metrics.messages[from as usize].inc();
-    metrics.message_bytes[from as usize].inc_by(len);
-    stats.messages.fetch_add(1, Relaxed);
-    stats.bytes.fetch_add(len, Relaxed);
-    dst.outbox = Some(msg);
+    frame: DataFrame,
+    piece: &[u8],
+    offset: u64,
+    forward: &mut Forward,
+    out: &mut Outbox,
+    back: &mut Outbox,
+    meters: Meters<'_>,
+    relayed: &mut Relayed,
+) -> Result<(), Violation> {
+    if offset == 0 {
+        forward.mask = out.mask();
+        frame::write_head(&mut out.buf, frame.fin, frame.opcode(), frame.len, forward.mask);
+        forward.head_len = out.buf.len() - out.committed;
+        // Bounded by the size limit, which the reader has enforced.
+        out.buf.reserve(frame.len as usize);
+    }
+    let start = out.buf.len();
+    out.buf.extend_from_slice(piece);
+    // Binary payloads are unmasked and re-masked in one pass; text stays plain until checked.
+    let key = match (frame.kind, frame.mask, forward.mask) {
+        (Kind::Binary, Some(a), Some(b)) => Some(std::array::from_fn(|i| a[i] ^ b[i])),
+        (Kind::Binary, a, b) => a.or(b),
+        (Kind::Text, a, _) => a,
+    };
+    if let Some(key) = key {
+        frame::apply_mask(&mut out.buf[start..], frame::rotate(key, offset));
+    }
+    if offset + (piece.len() as u64) < frame.len {
+        return Ok(());
+    }
+    let payload_at = out.committed + forward.head_len;
+    if frame.kind == Kind::Text {
+        let payload = &out.buf[payload_at..];
+        if frame.first {
+            forward.utf8 = Utf8Check::default();
+        }
+        let text = if frame.first && frame.fin {
+            Some(std::str::from_utf8(payload).map_err(|_| Violation::INVALID_UTF8)?)
+        } else {
+            forward.utf8.check(payload, frame.fin).map_err(|_| Violation::INVALID_UTF8)?;
+            None
+        };
+        // A JSON ping is a whole text message from the client (browsers never fragment one).
+        let matcher = meters.settings.json_ping.as_deref().filter(|_| from == Side::Client);
+        if let Some((matcher, reply)) = matcher.and_then(|m| Some((m, m.answer(text?)?))) {
+            back.push_frame(frame::OP_TEXT, reply.as_bytes());
+            meters.metrics.json_pings_answered.inc();
+            if !matcher.forward {
+                out.buf.truncate(out.committed);
+                return Ok(());
+            }
+        }
+        if let Some(key) = forward.mask {
+            frame::apply_mask(&mut out.buf[payload_at..], key);
+        }
+    }
+    out.committed = out.buf.len();
+    relayed.bytes += frame.len;
+    relayed.messages += frame.fin as u64;
+    Ok(())
 }
 
 /// Runs the closing handshakes of both legs together and records the codes.
-async fn finish<S>(legs: [Leg<S>; 2], ending: Ending, metrics: &Metrics) -> Outcome
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + EndTransport + Unpin,
-{
+async fn finish(legs: [Leg; 2], ending: Ending, metrics: &Metrics) -> Outcome {
     let mut codes = [(None, None); 2];
-    if let Ending::Closed(side, f) = &ending {
-        codes[*side as usize].0 = Some(wire_code(f));
+    if let Ending::Closed(side, c) = &ending {
+        codes[*side as usize].0 = Some(wire_code(c));
     }
     if let Ending::Lost(side) = &ending {
         codes[*side as usize].0 = Some(1006);
+    }
+    if let Ending::Refused(side, v) = &ending {
+        tracing::debug!(side = side.as_str(), code = v.code, reason = v.reason, "refused a frame");
     }
     let (end, client_action, upstream_action) = ending.plan();
     let [client, upstream] = legs;
@@ -430,59 +560,59 @@ where
 /// Closes one leg as planned; returns the close code it answered with (if it was waited for)
 /// and the code wskeep sent it. The transport is ended too (TLS `close_notify`, then FIN), so
 /// nothing wskeep wrote stays behind in a TLS buffer when the socket is dropped.
-async fn close_leg<S>(mut leg: Leg<S>, action: CloseAction) -> (Option<u16>, Option<u16>)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + EndTransport + Unpin,
-{
-    match action {
-        CloseAction::Nothing => (None, None),
-        CloseAction::Answer(code) => {
-            let answered = tokio::time::timeout(CLOSE_BOUND, async {
-                // tungstenite echoes the peer's close frame; flushing writes it.
-                let flushed = leg.ws.flush().await.is_ok();
-                let _ = poll_fn(|cx| leg.ws.poll_end(cx)).await;
-                flushed
-            })
-            .await;
-            (None, matches!(answered, Ok(true)).then_some(code))
-        }
-        CloseAction::Send(frame) => {
-            let code = wire_code(&frame);
-            let mut written = false;
-            let handshake = async {
-                let answer = async {
-                    // Messages accepted before the ending are delivered before the close.
-                    if let Some(msg) = leg.outbox.take() {
-                        leg.ws.feed(msg).await.ok()?;
+async fn close_leg(mut leg: Leg, action: CloseAction) -> (Option<u16>, Option<u16>) {
+    let (close, awaits_answer) = match action {
+        CloseAction::Nothing => return (None, None),
+        CloseAction::Answer(close) => (close, false),
+        CloseAction::Send(close) => (close, true),
+    };
+    let code = wire_code(&close);
+    // Complete frames go first; a frame that never fully arrived is not sent.
+    leg.out.buf.truncate(leg.out.committed);
+    let mut payload = Vec::new();
+    if let Some(c) = &close {
+        payload.extend_from_slice(&c.code.to_be_bytes());
+        payload.extend_from_slice(c.reason.as_bytes());
+    }
+    leg.out.push_frame(frame::OP_CLOSE, &payload);
+    let mut written = false;
+    let handshake = async {
+        written = poll_fn(|cx| leg.out.poll_write(&mut leg.io, cx)).await.is_ok();
+        let answer = if written && awaits_answer { await_close(&mut leg).await } else { None };
+        let _ = poll_fn(|cx| leg.io.poll_shutdown(cx)).await;
+        answer
+    };
+    let answer = tokio::time::timeout(CLOSE_BOUND, handshake).await.ok().flatten();
+    // No answer (or the leg failed under us): it ended without a close frame.
+    (awaits_answer.then(|| answer.unwrap_or(1006)), written.then_some(code))
+}
+
+/// Reads until the peer's close frame arrives; its code, or `None` if the leg ended first.
+async fn await_close(leg: &mut Leg) -> Option<u16> {
+    let mut scratch = vec![MaybeUninit::<u8>::uninit(); 4096];
+    let Leg { io, reader, .. } = leg;
+    poll_fn(|cx| loop {
+        let found = ready!(io.poll_read_with(cx, &mut scratch, |mut bytes| {
+            if bytes.is_empty() {
+                return Some(None);
+            }
+            loop {
+                match reader.next(&mut bytes) {
+                    Ok(Some(Step::Control(Control::Close))) => {
+                        let close = frame::parse_close(reader.control_payload());
+                        return Some(close.ok().map(|c| c.map_or(1005, |(code, _)| code)));
                     }
-                    leg.ws.send(Message::Close(frame)).await.ok()?;
-                    written = true;
-                    while let Some(item) = leg.ws.next().await {
-                        if let Message::Close(answer) = item.ok()? {
-                            return Some(wire_code(&answer));
-                        }
-                    }
-                    None
+                    Ok(Some(_)) => {}
+                    Ok(None) => return None,
+                    Err(_) => return Some(None),
                 }
-                .await;
-                let _ = poll_fn(|cx| leg.ws.poll_end(cx)).await;
-                answer
-            };
-            let answer = tokio::time::timeout(CLOSE_BOUND, handshake).await.ok().flatten();
-            // No answer (or the leg failed under us): it ended without a close frame.
-            (Some(answer.unwrap_or(1006)), written.then_some(code))
+            }
+        }));
+        match found {
+            Ok(Some(code)) => return Poll::Ready(code),
+            Ok(None) => {}
+            Err(_) => return Poll::Ready(None),
         }
-    }
-}
-
-/// A leg whose transport can be ended once the closing handshake is over.
-pub trait EndTransport {
-    /// Flushes what the transport still buffers and shuts its write side (TLS: `close_notify`).
-    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> EndTransport for WebSocketStream<T> {
-    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(self.get_mut()).poll_shutdown(cx)
-    }
+    })
+    .await
 }

@@ -415,11 +415,11 @@ async fn protocol_violations_get_1002() {
     refused(&mut s, &cases, 1002).await;
 }
 
-/// A close with a code no endpoint may send is answered with 1002 by tungstenite, which hands the
-/// relay that 1002 instead of the code: the upstream gets the client's close as 1002 too (never
-/// the forbidden code), and the closing handshake completes.
+/// A close with a code no endpoint may send is a protocol error like any other: the client gets
+/// 1002, the upstream 1001 "client gone" (never the forbidden code), and both closing handshakes
+/// complete.
 #[tokio::test]
-async fn a_close_with_a_forbidden_code_gets_1002_on_both_legs() {
+async fn a_close_with_a_forbidden_code_gets_1002_and_the_upstream_1001() {
     let mut s = setup().await;
     for (i, code) in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, u16::MAX].into_iter().enumerate() {
         let mut conn = frame_client(&s).await;
@@ -428,7 +428,7 @@ async fn a_close_with_a_forbidden_code_gets_1002_on_both_legs() {
         let ((got, _), _) = read_close(&mut conn, LIMIT).await;
         assert_eq!(got, Some(1002), "close code {code}");
         answer_close(&mut conn, 1002).await;
-        assert_eq!(nth_upstream_close(&s.upstream, i + 1).await.0, 1002, "close code {code}");
+        assert_eq!(nth_upstream_close(&s.upstream, i + 1).await, (1001, "client gone".into()), "close code {code}");
         echo(&mut s.healthy).await;
     }
     s.still_healthy().await;

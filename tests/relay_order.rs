@@ -1,5 +1,5 @@
-//! Property tests of the relay's ordering invariant, on in-memory WebSockets (tokio duplex pipes
-//! framed by tungstenite) so that nothing but `relay::run` is between the two peers: whatever the
+//! Property tests of the relay's ordering invariant, on in-memory WebSockets (tokio duplex pipes,
+//! the peers framed by tungstenite) so that nothing but `relay::run` is between the two peers: whatever the
 //! messages (text and binary, 0 to 70,000 bytes, from both sides at once) and however small the
 //! pipes (backpressure), each peer receives exactly the other's messages in order, and a close
 //! from one side reaches the other after every message sent before it, with its code and reason.
@@ -16,6 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use wskeep::connections::ConnInfo;
 use wskeep::keepalive::LegTimers;
+use wskeep::legstream::LegStream;
 use wskeep::metrics::{End, Metrics};
 use wskeep::relay::{self, RelaySettings};
 
@@ -80,13 +81,13 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 /// Two framed ends of one pipe: (the peer's end, the relay's end).
-async fn pipe(capacity: usize, relay_role: Role) -> (Ws, Ws) {
+/// A peer framed by tungstenite, and the relay's end of its pipe. `peer_role`: the client peer
+/// is a `Client`, the upstream peer a `Server`.
+async fn pipe(capacity: usize, peer_role: Role) -> (Ws, LegStream) {
     let (a, b) = tokio::io::duplex(capacity);
-    let config = wskeep::proxy::ws::websocket_config(1 << 20);
-    let peer_role = if relay_role == Role::Server { Role::Client } else { Role::Server };
+    let config = wskeep::bench::echo::websocket_config(1 << 20);
     let peer = WebSocketStream::from_raw_socket(a, peer_role, Some(config)).await;
-    let relay_end = WebSocketStream::from_raw_socket(b, relay_role, Some(config)).await;
-    (peer, relay_end)
+    (peer, LegStream::new(b))
 }
 
 /// What one peer saw: the data messages, then the close frame (if one came).
@@ -152,10 +153,10 @@ async fn peer(ws: Ws, outgoing: Vec<Message>, close: Option<(CloseFrame, Option<
 }
 
 async fn run(case: Case) -> Result<(), TestCaseError> {
-    let (client_peer, client_end) = pipe(case.pipe, Role::Server).await;
-    let (upstream_peer, upstream_end) = pipe(case.pipe, Role::Client).await;
+    let (client_peer, client_end) = pipe(case.pipe, Role::Client).await;
+    let (upstream_peer, upstream_end) = pipe(case.pipe, Role::Server).await;
     let off = LegTimers { ping_interval: Duration::ZERO, pong_interval: Duration::ZERO, timeout: Duration::ZERO };
-    let settings = RelaySettings { timers: [off, off], json_ping: None };
+    let settings = RelaySettings { timers: [off, off], json_ping: None, max_message_size: 1 << 20 };
     let conn = ConnInfo {
         id: 1,
         peer: SocketAddr::from(([127, 0, 0, 1], 1)),

@@ -234,7 +234,7 @@ async fn stream_connection(tcp: TcpStream, n: u32) -> UpstreamReport {
         conn = req.uri().path().strip_prefix("/stream/").and_then(|c| c.parse().ok()).unwrap_or(u32::MAX);
         Ok(resp)
     };
-    let config = wskeep::proxy::ws::websocket_config(1 << 20);
+    let config = wskeep::bench::echo::websocket_config(1 << 20);
     let accepted = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await;
     let mut report = UpstreamReport { conn, received: 0, close: None, error: None };
     let ws = match accepted {
@@ -453,7 +453,7 @@ async fn start_stalled_upstream(
     let (report, report_rx) = oneshot::channel();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let config = wskeep::proxy::ws::websocket_config(1 << 20);
+        let config = wskeep::bench::echo::websocket_config(1 << 20);
         let mut ws = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await.unwrap();
         let _ = go_rx.await;
         let mut next = 0u64;
@@ -596,7 +596,7 @@ impl RestartableUpstream {
 
 async fn echo_connection(tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
-    let config = wskeep::proxy::ws::websocket_config(1 << 20);
+    let config = wskeep::bench::echo::websocket_config(1 << 20);
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await else { return };
     while let Some(Ok(msg)) = ws.next().await {
         let reply = match msg {

@@ -8,7 +8,20 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::proxy::ws::websocket_config;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// tungstenite's limits for a server socket of the echo and legacy upstreams: messages and frames
+/// up to `max_message_size`, and small buffers (the default 128 KiB read buffer is allocated
+/// eagerly for every socket).
+pub fn websocket_config(max_message_size: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(16 * 1024)
+        // One message plus the batch: the sink reports "not ready" before more is queued.
+        .max_write_buffer_size(16 * 1024 + max_message_size + 1024)
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size))
+}
 
 /// Binds `addr` and echoes on every connection until the runtime ends.
 pub async fn start(addr: SocketAddr) -> std::io::Result<SocketAddr> {

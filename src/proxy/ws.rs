@@ -3,8 +3,8 @@
 //! The upstream leg uses hyper's client upgrade rather than tungstenite's client handshake,
 //! which keeps only part of a refusal's body and rejects a 101 without a subprotocol when some
 //! were offered. A refusal reaches the client whole (status, headers, body); a 101 is checked
-//! (accept key, subprotocol) before the client gets its own. Each upgraded stream is then framed
-//! by tokio-tungstenite and handed to `relay::run` in a task the drain tracks.
+//! (accept key, subprotocol) before the client gets its own. Both upgraded streams are then handed
+//! to `relay::run`, which frames them itself (`frame`), in a task the drain tracks.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,32 +17,11 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 
 use super::{headers, text, Body, ConnMeta, Shared};
+use crate::legstream::LegStream;
 use crate::metrics::UpgradeFailure;
-use crate::readahead::LegStream;
 use crate::relay;
-
-/// Per-socket read buffer: small, because most connections are idle most of the time (the
-/// default 128 KiB is allocated eagerly for every socket). tungstenite reads at most this much
-/// per call; `LegStream` makes that cheap (rustls's records behind TLS, a transient read-ahead
-/// on plain sockets), and larger messages grow the buffer as needed.
-const READ_BUFFER: usize = 1024;
-/// Messages are gathered up to this size before a write; `flush` writes the rest.
-const WRITE_BUFFER: usize = 16 * 1024;
-
-/// tungstenite's limits for one leg: messages and frames up to `max_message_size`.
-pub fn websocket_config(max_message_size: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        // One message plus the batch: the sink reports "not ready" before more is queued.
-        .max_write_buffer_size(WRITE_BUFFER + max_message_size + 1024)
-        .max_message_size(Some(max_message_size))
-        .max_frame_size(Some(max_message_size))
-}
 
 /// Why the upstream leg could not be opened, and what the client is told.
 enum UpstreamFailure {
@@ -185,11 +164,8 @@ async fn relay_task(client: OnUpgrade, upstream: OnUpgrade, shared: Arc<Shared>,
             return;
         }
     };
-    let ws_config = websocket_config(shared.config.limits.max_message_size.0 as usize);
     let client = LegStream::from_upgraded(client);
     let upstream = LegStream::from_upgraded(upstream);
-    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(ws_config)).await;
-    let upstream = WebSocketStream::from_raw_socket(upstream, Role::Client, Some(ws_config)).await;
 
     let metrics = &shared.metrics;
     metrics.connections_total.inc();
