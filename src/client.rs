@@ -18,12 +18,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-pub const OP_CONTINUATION: u8 = 0x0;
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_BINARY: u8 = 0x2;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+use crate::frame::{self, Head};
+pub use crate::frame::{OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -323,40 +319,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     fn parse(&mut self) -> io::Result<Option<Frame>> {
-        let b = &self.buf[..];
-        if b.len() < 2 {
-            return Ok(None);
-        }
-        let (fin, opcode, masked) = (b[0] & 0x80 != 0, b[0] & 0x0f, b[1] & 0x80 != 0);
-        let (len, mut at) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as u64, 4),
-            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")), 10),
-            126 | 127 => return Ok(None),
-            n => (n as u64, 2),
-        };
-        if len > self.max_message as u64 {
+        let Some((head, at)) = Head::parse(&self.buf) else { return Ok(None) };
+        if head.len > self.max_message as u64 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "frame larger than the client accepts"));
         }
-        let mask = if masked {
-            if b.len() < at + 4 {
-                return Ok(None);
-            }
-            at += 4;
-            Some([b[at - 4], b[at - 3], b[at - 2], b[at - 1]])
-        } else {
-            None
-        };
-        let total = at + len as usize;
-        if b.len() < total {
-            self.buf.reserve(total - b.len());
+        let total = at + head.len as usize;
+        if self.buf.len() < total {
+            self.buf.reserve(total - self.buf.len());
             return Ok(None);
         }
         self.buf.advance(at);
-        let mut payload = self.buf.split_to(len as usize);
-        if let Some(mask) = mask {
-            apply_mask(&mut payload, mask);
+        let mut payload = self.buf.split_to(head.len as usize);
+        if let Some(mask) = head.mask {
+            frame::apply_mask(&mut payload, mask);
         }
-        Ok(Some(Frame { fin, opcode, payload: payload.freeze() }))
+        Ok(Some(Frame { fin: head.fin, opcode: head.opcode, payload: payload.freeze() }))
     }
 
     /// The next message (fragments joined) or control frame; `None` at EOF.
@@ -408,25 +385,12 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Appends a masked frame to the write buffer; `flush` sends it.
     pub fn queue(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
-        let len = payload.len();
-        self.buf.reserve(len + 14);
-        self.buf.put_u8(if fin { 0x80 } else { 0 } | opcode);
-        match len {
-            0..=125 => self.buf.put_u8(0x80 | len as u8),
-            126..=65535 => {
-                self.buf.put_u8(0x80 | 126);
-                self.buf.put_u16(len as u16);
-            }
-            _ => {
-                self.buf.put_u8(0x80 | 127);
-                self.buf.put_u64(len as u64);
-            }
-        }
+        // A load generator's key need not be unpredictable; the relay's are (`frame`).
         let mask = fastrand::u32(..).to_be_bytes();
-        self.buf.put_slice(&mask);
+        frame::write_head(&mut self.buf, fin, opcode, payload.len() as u64, Some(mask));
         let start = self.buf.len();
         self.buf.put_slice(payload);
-        apply_mask(&mut self.buf[start..], mask);
+        frame::apply_mask(&mut self.buf[start..], mask);
     }
 
     /// Appends raw bytes (hostile-input tests write malformed frames with this).
@@ -459,12 +423,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.io.shutdown().await
-    }
-}
-
-fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b ^= mask[i & 3];
     }
 }
 

@@ -9,6 +9,8 @@
 
 use std::str::Utf8Error;
 
+use bytes::BufMut;
+
 /// The longest frame header: 2 bytes, 8 of extended length, 4 of mask.
 pub const MAX_HEAD: usize = 14;
 /// Control frames carry at most this much payload.
@@ -254,17 +256,18 @@ impl FrameReader {
 
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Head {
-    fin: bool,
-    rsv: u8,
-    opcode: u8,
-    len: u64,
-    mask: Option<[u8; 4]>,
+pub struct Head {
+    pub fin: bool,
+    /// The three reserved bits, in place.
+    pub rsv: u8,
+    pub opcode: u8,
+    pub len: u64,
+    pub mask: Option<[u8; 4]>,
 }
 
 impl Head {
     /// The header at the start of `b` and its length; `None` if `b` holds only part of it.
-    fn parse(b: &[u8]) -> Option<(Head, usize)> {
+    pub fn parse(b: &[u8]) -> Option<(Head, usize)> {
         let [first, second, ..] = *b else { return None };
         let (len, mut used) = match second & 0x7f {
             126 => (u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as u64, 4),
@@ -284,22 +287,22 @@ impl Head {
 }
 
 /// Appends a frame header: FIN set when `fin`, the opcode, the payload length and the mask.
-pub fn write_head(out: &mut Vec<u8>, fin: bool, opcode: u8, len: u64, mask: Option<[u8; 4]>) {
+pub fn write_head(out: &mut impl BufMut, fin: bool, opcode: u8, len: u64, mask: Option<[u8; 4]>) {
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
-    out.push(if fin { 0x80 } else { 0 } | opcode);
+    out.put_u8(if fin { 0x80 } else { 0 } | opcode);
     match len {
-        0..=125 => out.push(mask_bit | len as u8),
+        0..=125 => out.put_u8(mask_bit | len as u8),
         126..=0xffff => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
+            out.put_u8(mask_bit | 126);
+            out.put_u16(len as u16);
         }
         _ => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&len.to_be_bytes());
+            out.put_u8(mask_bit | 127);
+            out.put_u64(len);
         }
     }
     if let Some(key) = mask {
-        out.extend_from_slice(&key);
+        out.put_slice(&key);
     }
 }
 

@@ -304,6 +304,8 @@ pub async fn run(
             return Poll::Ready(Ending::Shutdown);
         }
         let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
+        // One clock read per wake-up, not per read: a frame's arrival time needs no finer grain.
+        let mut clock = None;
         let mut reads = 0u32;
         loop {
             while let Poll::Ready((side, due)) = keepalive.poll_due(cx) {
@@ -329,7 +331,7 @@ pub async fn run(
                 for src in if client_first { [0, 1] } else { [1, 0] } {
                     let [client, upstream] = &mut legs;
                     let (from, to) = if src == 0 { (client, upstream) } else { (upstream, client) };
-                    match poll_read(from, to, &mut keepalive, meters, &mut scratch, cx) {
+                    match poll_read(from, to, &mut keepalive, meters, &mut clock, &mut scratch, cx) {
                         Poll::Ready(Ok(())) => read = true,
                         Poll::Ready(Err(ending)) => return Poll::Ready(ending),
                         Poll::Pending => {}
@@ -369,6 +371,7 @@ fn poll_read(
     to: &mut Leg,
     keepalive: &mut Keepalive,
     meters: Meters<'_>,
+    clock: &mut Option<Instant>,
     scratch: &mut [MaybeUninit<u8>],
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), Ending>> {
@@ -378,8 +381,7 @@ fn poll_read(
         if bytes.is_empty() {
             return Err(Ending::Lost(side));
         }
-        // One clock read per read: a frame's arrival time needs no finer grain.
-        let now = Instant::now();
+        let now = *clock.get_or_insert_with(Instant::now);
         keepalive.saw_frame(side, now);
         meters.conn.saw_frame(side, now.into_std());
         let mut relayed = Relayed::default();
