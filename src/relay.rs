@@ -36,8 +36,9 @@ const HIGH_WATER: usize = 64 * 1024;
 /// A write buffer larger than this is released once written out, so a connection that once
 /// carried a large message does not keep that memory while idle.
 const KEEP_CAPACITY: usize = 4 * 1024;
-/// Write after this many reads even if more are ready, so a busy leg cannot delay the other.
-const FLUSH_EVERY: u32 = 16;
+/// A leg's turn ends after this many reads even if more are ready; writes follow every turn, so
+/// a busy leg cannot delay the other.
+const READS_PER_TURN: u32 = 16;
 /// The most one read takes from a plain socket, into a buffer on the stack (a TLS leg lends
 /// rustls's plaintext buffer instead).
 const SCRATCH: usize = 64 * 1024;
@@ -306,7 +307,6 @@ pub async fn run(
         let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
         // One clock read per wake-up, not per read: a frame's arrival time needs no finer grain.
         let mut clock = None;
-        let mut reads = 0u32;
         loop {
             while let Poll::Ready((side, due)) = keepalive.poll_due(cx) {
                 let leg = &mut legs[side as usize];
@@ -323,29 +323,32 @@ pub async fn run(
                     Due::Ping(_) | Due::Pong => {}
                 }
             }
-            // Alternate which leg reads first so that a busy leg cannot starve the other.
+            // Alternate which leg reads first so that a busy leg cannot starve the other. A leg
+            // reads until it has nothing more (rustls lends one record per read) or its turn ends.
             client_first = !client_first;
-            let room = legs.iter().all(|leg| leg.out.has_room());
-            let mut read = false;
-            if room {
-                for src in if client_first { [0, 1] } else { [1, 0] } {
-                    let [client, upstream] = &mut legs;
-                    let (from, to) = if src == 0 { (client, upstream) } else { (upstream, client) };
+            let mut blocked = false;
+            let mut more = false;
+            for src in if client_first { [0, 1] } else { [1, 0] } {
+                let [client, upstream] = &mut legs;
+                let (from, to) = if src == 0 { (client, upstream) } else { (upstream, client) };
+                let mut reads = 0;
+                loop {
+                    if !(from.out.has_room() && to.out.has_room()) {
+                        blocked = true;
+                        break;
+                    }
+                    if reads == READS_PER_TURN {
+                        more = true;
+                        break;
+                    }
                     match poll_read(from, to, &mut keepalive, meters, &mut clock, &mut scratch, cx) {
-                        Poll::Ready(Ok(())) => read = true,
+                        Poll::Ready(Ok(())) => reads += 1,
                         Poll::Ready(Err(ending)) => return Poll::Ready(ending),
-                        Poll::Pending => {}
+                        Poll::Pending => break,
                     }
                 }
             }
-            if read {
-                reads += 1;
-                if reads < FLUSH_EVERY {
-                    continue;
-                }
-            }
             // Nothing more to read right now (or a long run of reads): write out what they made.
-            reads = 0;
             for leg in &mut legs {
                 if let Poll::Ready(Err(e)) = leg.out.poll_write(&mut leg.io, cx) {
                     tracing::debug!(conn = conn.id, side = leg.side.as_str(), error = %e, "write failed");
@@ -353,7 +356,7 @@ pub async fn run(
                 }
             }
             // Go round again after a long run of reads, or when writing made room to read.
-            if !read && (room || !legs.iter().all(|leg| leg.out.has_room())) {
+            if !more && !(blocked && legs.iter().all(|leg| leg.out.has_room())) {
                 return Poll::Pending;
             }
         }
