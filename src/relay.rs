@@ -356,7 +356,8 @@ pub async fn run(
                 }
             }
             // Go round again after a long run of reads, or when writing made room to read.
-            if !more && !(blocked && legs.iter().all(|leg| leg.out.has_room())) {
+            let unblocked = blocked && legs.iter().all(|leg| leg.out.has_room());
+            if !(more || unblocked) {
                 return Poll::Pending;
             }
         }
