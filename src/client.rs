@@ -386,11 +386,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Appends a masked frame to the write buffer; `flush` sends it.
     pub fn queue(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
         // A load generator's key need not be unpredictable; the relay's are (`frame`).
-        let mask = fastrand::u32(..).to_be_bytes();
-        frame::write_head(&mut self.buf, fin, opcode, payload.len() as u64, Some(mask));
-        let start = self.buf.len();
-        self.buf.put_slice(payload);
-        frame::apply_mask(&mut self.buf[start..], mask);
+        frame::write_frame(&mut self.buf, fin, opcode, payload, Some(fastrand::u32(..).to_be_bytes()));
     }
 
     /// Appends raw bytes (hostile-input tests write malformed frames with this).

@@ -89,8 +89,20 @@ pub enum Step<'a> {
 
 #[derive(Debug, Clone, Copy)]
 enum Current {
-    Data { frame: DataFrame, done: u64 },
-    Control { op: Control, len: u8, mask: Option<[u8; 4]> },
+    Data {
+        frame: DataFrame,
+        done: u64,
+    },
+    Control {
+        op: Control,
+        len: u8,
+        mask: Option<[u8; 4]>,
+    },
+    /// The payload of a refused frame, passed over so that the frames after it (the peer's
+    /// answer to wskeep's close) are read as frames.
+    Skip {
+        left: u64,
+    },
 }
 
 /// Parses one leg's incoming frames, whatever the read boundaries.
@@ -165,9 +177,21 @@ impl FrameReader {
                     self.current = None;
                     return Ok(Some(Step::Control(op)));
                 }
+                Some(Current::Skip { left }) => {
+                    let take = (*left).min(buf.len() as u64);
+                    *left -= take;
+                    *buf = &buf[take as usize..];
+                    if *left > 0 {
+                        return Ok(None);
+                    }
+                    self.current = None;
+                }
                 None => {
                     let Some(head) = self.take_head(buf) else { return Ok(None) };
-                    self.start(head)?;
+                    if let Err(violation) = self.start(head) {
+                        self.current = Some(Current::Skip { left: head.len });
+                        return Err(violation);
+                    }
                 }
             }
         }
@@ -239,13 +263,11 @@ impl FrameReader {
             (OP_BINARY, None) => (Kind::Binary, true, 0),
             _ => return Err(Violation::protocol("reserved opcode")),
         };
+        // Also refuses a 64-bit length with the high bit set (RFC 6455 §5.2 reserves it): no
+        // limit reaches 2^63.
         let size = so_far.saturating_add(head.len);
         if size > self.max_size {
             return Err(Violation::TOO_BIG);
-        }
-        // Unreachable under any real limit, which is far below 2^63.
-        if head.len >> 63 != 0 {
-            return Err(Violation::protocol("frame length with the high bit set"));
         }
         self.message = (!head.fin).then_some((kind, size));
         let frame = DataFrame { kind, first, fin: head.fin, len: head.len, mask: head.mask };
@@ -303,6 +325,16 @@ pub fn write_head(out: &mut impl BufMut, fin: bool, opcode: u8, len: u64, mask: 
     }
     if let Some(key) = mask {
         out.put_slice(&key);
+    }
+}
+
+/// Appends a whole frame: header, then the payload, masked when `mask` is given.
+pub fn write_frame<B: BufMut + AsMut<[u8]>>(out: &mut B, fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+    write_head(out, fin, opcode, payload.len() as u64, mask);
+    let start = out.as_mut().len();
+    out.put_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut out.as_mut()[start..], key);
     }
 }
 

@@ -33,9 +33,14 @@ use crate::shutdown::CLOSE_BOUND;
 /// A leg is read only while neither leg has this much waiting to be written: a peer that
 /// cannot keep up slows down the one that sends.
 const HIGH_WATER: usize = 64 * 1024;
-/// A write buffer larger than this is released once written out, so a connection that once
-/// carried a large message does not keep that memory while idle.
+/// A write buffer larger than this is released whenever it has been written out: a connection
+/// that carried a large message does not keep that memory while idle, and a busy one pays an
+/// allocation per batch of large messages (small batches reuse their buffer).
 const KEEP_CAPACITY: usize = 4 * 1024;
+/// A peer is not read while this much of wskeep's answers to it (pongs, JSON pongs) waits to be
+/// written: a peer that sends pings and reads nothing stops being read, while one that only
+/// reads slowly still gets its messages forwarded.
+const OWN_BUDGET: usize = 16 * 1024;
 /// A leg's turn ends after this many reads even if more are ready; writes follow every turn, so
 /// a busy leg cannot delay the other.
 const READS_PER_TURN: u32 = 16;
@@ -169,13 +174,34 @@ struct Outbox {
     unflushed: bool,
     /// Frames to this peer are masked: it is a server.
     masked: bool,
+    /// The last frame forwarded did not end its message: a data frame of wskeep's own (a JSON
+    /// pong) must wait for the message's end (RFC 6455 §5.4).
+    open_message: bool,
+    /// wskeep's own frames waiting for the frame still arriving (control frames), or for the
+    /// open message to end (data frames). Empty, and unallocated, nearly always.
+    held_control: Vec<u8>,
+    held_data: Vec<u8>,
+    /// wskeep's own bytes queued since this outbox last emptied (an upper bound on what is still
+    /// unwritten): past `OWN_BUDGET`, the peer they answer is not read.
+    own: usize,
 }
 
 impl Outbox {
     fn new(masked: bool) -> Outbox {
-        Outbox { buf: Vec::new(), committed: 0, written: 0, unflushed: false, masked }
+        Outbox {
+            buf: Vec::new(),
+            committed: 0,
+            written: 0,
+            unflushed: false,
+            masked,
+            open_message: false,
+            held_control: Vec::new(),
+            held_data: Vec::new(),
+            own: 0,
+        }
     }
 
+    /// Frames waiting to be written are under the high-water mark.
     fn has_room(&self) -> bool {
         self.committed - self.written < HIGH_WATER
     }
@@ -185,20 +211,47 @@ impl Outbox {
         self.masked.then(rand::random)
     }
 
-    /// Appends a whole frame of wskeep's own where the next frame may go: after the complete
-    /// frames, before a data frame still arriving.
+    /// Queues a whole frame of wskeep's own: at once if it may go next, else held until it may.
     fn push_frame(&mut self, opcode: u8, payload: &[u8]) {
         let mask = self.mask();
-        if self.committed == self.buf.len() {
-            write_frame(&mut self.buf, opcode, payload, mask);
+        let control = opcode & 0x8 != 0;
+        let at_boundary = self.committed == self.buf.len();
+        let out = match (at_boundary, control) {
+            (true, true) => &mut self.buf,
+            (true, false) if !self.open_message => &mut self.buf,
+            (_, true) => &mut self.held_control,
+            (_, false) => &mut self.held_data,
+        };
+        let before = out.len();
+        frame::write_frame(out, true, opcode, payload, mask);
+        self.own += out.len() - before;
+        if at_boundary {
             self.committed = self.buf.len();
-        } else {
-            let mut whole = Vec::with_capacity(frame::MAX_HEAD + payload.len());
-            write_frame(&mut whole, opcode, payload, mask);
-            let len = whole.len();
-            self.buf.splice(self.committed..self.committed, whole);
-            self.committed += len;
         }
+    }
+
+    /// The frame that was arriving is whole and checked: it may be written, and so may the
+    /// frames held behind it.
+    fn commit_forwarded(&mut self, fin: bool) {
+        self.open_message = !fin;
+        self.release_held();
+    }
+
+    /// Drops the frame still arriving (it will never be written), releasing what waited for it.
+    fn drop_partial(&mut self) {
+        self.buf.truncate(self.committed);
+        self.release_held();
+    }
+
+    fn release_held(&mut self) {
+        // `take`, not `append`: a held buffer's allocation goes too.
+        if !self.held_control.is_empty() {
+            self.buf.extend_from_slice(&std::mem::take(&mut self.held_control));
+        }
+        if !self.open_message && !self.held_data.is_empty() {
+            self.buf.extend_from_slice(&std::mem::take(&mut self.held_data));
+        }
+        self.committed = self.buf.len();
     }
 
     /// Writes the complete frames and flushes the transport.
@@ -218,6 +271,7 @@ impl Outbox {
                 } else {
                     self.buf.clear();
                 }
+                self.own = self.held_control.len() + self.held_data.len();
             } else {
                 self.buf.drain(..self.written);
             }
@@ -229,15 +283,6 @@ impl Outbox {
             self.unflushed = false;
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
-    frame::write_head(out, true, opcode, payload.len() as u64, mask);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    if let Some(key) = mask {
-        frame::apply_mask(&mut out[start..], key);
     }
 }
 
@@ -326,15 +371,15 @@ pub async fn run(
             // Alternate which leg reads first so that a busy leg cannot starve the other. A leg
             // reads until it has nothing more (rustls lends one record per read) or its turn ends.
             client_first = !client_first;
-            let mut blocked = false;
+            let mut blocked = [false; 2];
             let mut more = false;
             for src in if client_first { [0, 1] } else { [1, 0] } {
                 let [client, upstream] = &mut legs;
                 let (from, to) = if src == 0 { (client, upstream) } else { (upstream, client) };
                 let mut reads = 0;
                 loop {
-                    if !(from.out.has_room() && to.out.has_room()) {
-                        blocked = true;
+                    if !may_read(from, to) {
+                        blocked[src] = true;
                         break;
                     }
                     if reads == READS_PER_TURN {
@@ -356,7 +401,8 @@ pub async fn run(
                 }
             }
             // Go round again after a long run of reads, or when writing made room to read.
-            let unblocked = blocked && legs.iter().all(|leg| leg.out.has_room());
+            let [client, upstream] = &legs;
+            let unblocked = blocked[0] && may_read(client, upstream) || blocked[1] && may_read(upstream, client);
             if !(more || unblocked) {
                 return Poll::Pending;
             }
@@ -367,6 +413,12 @@ pub async fn run(
     // Boxed: the closing phase is large and short-lived; keeping it out of the relay future keeps
     // every idle connection small.
     Box::pin(finish(legs, ending, metrics)).await
+}
+
+/// `from` may be read: what it sends has room on the other leg, and wskeep's answers to it
+/// are within their budget.
+fn may_read(from: &Leg, to: &Leg) -> bool {
+    to.out.has_room() && from.out.own < OWN_BUDGET
 }
 
 /// Reads what `from` has and handles every frame in it; `Err` is how the connection ends.
@@ -389,8 +441,15 @@ fn poll_read(
         keepalive.saw_frame(side, now);
         meters.conn.saw_frame(side, now.into_std());
         let mut relayed = Relayed::default();
-        let result = read_frames(side, bytes, reader, forward, back, &mut to.out, keepalive, meters, now, &mut relayed);
+        let mut rest = bytes;
+        let result =
+            read_frames(side, &mut rest, reader, forward, back, &mut to.out, keepalive, meters, now, &mut relayed);
         relayed.record(side, meters);
+        if let Err(Ending::Refused(..)) = result {
+            // The rest of this read is parsed and dropped, so the closing handshake reads this
+            // leg from a frame boundary.
+            while let Ok(Some(_)) = reader.next(&mut rest) {}
+        }
         result
     });
     match ready!(read) {
@@ -422,11 +481,12 @@ impl Relayed {
     }
 }
 
-/// Handles every frame (or part of one) in `bytes`: data goes to `out`, answers to `back`.
+/// Handles the frames (or parts of one) in `bytes` up to the first that ends the connection:
+/// data goes to `out`, answers to `back`.
 #[allow(clippy::too_many_arguments)]
 fn read_frames(
     side: Side,
-    mut bytes: &[u8],
+    bytes: &mut &[u8],
     reader: &mut FrameReader,
     forward: &mut Forward,
     back: &mut Outbox,
@@ -439,7 +499,7 @@ fn read_frames(
     let src = side as usize;
     let (metrics, stats) = (meters.metrics, meters.conn.leg(side));
     let refuse = |v: Violation| Ending::Refused(side, v);
-    while let Some(step) = reader.next(&mut bytes).map_err(refuse)? {
+    while let Some(step) = reader.next(bytes).map_err(refuse)? {
         match step {
             Step::Data { frame, bytes, offset } => {
                 forward_piece(side, frame, bytes, offset, forward, out, back, meters, relayed).map_err(refuse)?
@@ -485,8 +545,9 @@ fn forward_piece(
         forward.mask = out.mask();
         frame::write_head(&mut out.buf, frame.fin, frame.opcode(), frame.len, forward.mask);
         forward.head_len = out.buf.len() - out.committed;
-        // Bounded by the size limit, which the reader has enforced.
-        out.buf.reserve(frame.len as usize);
+        // Room for the payload, up to one read's worth: a header alone must not reserve the
+        // whole of a large frame's announced length.
+        out.buf.reserve(frame.len.min(SCRATCH as u64) as usize);
     }
     let start = out.buf.len();
     out.buf.extend_from_slice(piece);
@@ -520,7 +581,7 @@ fn forward_piece(
             back.push_frame(frame::OP_TEXT, reply.as_bytes());
             meters.metrics.json_pings_answered.inc();
             if !matcher.forward {
-                out.buf.truncate(out.committed);
+                out.drop_partial();
                 return Ok(());
             }
         }
@@ -528,7 +589,7 @@ fn forward_piece(
             frame::apply_mask(&mut out.buf[payload_at..], key);
         }
     }
-    out.committed = out.buf.len();
+    out.commit_forwarded(frame.fin);
     relayed.bytes += frame.len;
     relayed.messages += frame.fin as u64;
     Ok(())
@@ -574,7 +635,7 @@ async fn close_leg(mut leg: Leg, action: CloseAction) -> (Option<u16>, Option<u1
     };
     let code = wire_code(&close);
     // Complete frames go first; a frame that never fully arrived is not sent.
-    leg.out.buf.truncate(leg.out.committed);
+    leg.out.drop_partial();
     let mut payload = Vec::new();
     if let Some(c) = &close {
         payload.extend_from_slice(&c.code.to_be_bytes());
@@ -622,3 +683,6 @@ async fn await_close(leg: &mut Leg) -> Option<u16> {
     })
     .await
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,12 +6,7 @@ const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 /// A frame as a peer writes it: masked with `KEY` when `masked`.
 fn wire(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     let mut out = Vec::new();
-    write_head(&mut out, fin, opcode, payload.len() as u64, masked.then_some(KEY));
-    let start = out.len();
-    out.extend_from_slice(payload);
-    if masked {
-        apply_mask(&mut out[start..], KEY);
-    }
+    write_frame(&mut out, fin, opcode, payload, masked.then_some(KEY));
     out
 }
 
@@ -191,4 +186,33 @@ fn close_payloads() {
         assert!(parse_close(&code.to_be_bytes()).is_ok(), "{code}");
     }
     assert_eq!(parse_close(&[0x03, 0xe8, 0xff]), Err(Violation::INVALID_UTF8));
+}
+
+#[test]
+fn a_refused_frame_is_passed_over_so_the_peers_close_reads_as_a_frame() {
+    let refused = [
+        (wire(true, OP_BINARY, &[9; 20], true), Violation::TOO_BIG),
+        (wire(true, 0x3, b"reserved opcode", true), Violation::protocol("reserved opcode")),
+    ];
+    for (bad, violation) in refused {
+        let input = [bad, wire(true, OP_CLOSE, &[0x03, 0xe8], true)].concat();
+        for split in [1, 3, 7, input.len()] {
+            let mut reader = FrameReader::new(true, 10);
+            let mut refusal = None;
+            let mut closed = false;
+            for chunk in input.chunks(split) {
+                let mut buf = chunk;
+                loop {
+                    match reader.next(&mut buf) {
+                        Ok(Some(Step::Control(Control::Close))) => closed = reader.control_payload() == [0x03, 0xe8],
+                        Ok(Some(step)) => panic!("unexpected {step:?}"),
+                        Ok(None) => break,
+                        Err(v) => refusal = Some(v),
+                    }
+                }
+            }
+            assert_eq!(refusal, Some(violation), "split {split}");
+            assert!(closed, "split {split}: the close after the refused frame was read");
+        }
+    }
 }
