@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use common::{Sidecar, TestCert, TestUpstream};
+use wskeep::client::{self, ClientOptions};
 
 const LIMIT: Duration = Duration::from_secs(5);
 
@@ -522,4 +523,30 @@ async fn streams_50_mib_up_and_down_through_the_http_proxy() {
     assert_eq!(count, BIG);
     let text = common::scrape(sidecar.admin).await;
     assert_eq!(common::metric(&text, r#"wskeep_http_requests_total{code="200"}"#), 2.0);
+}
+
+/// wskeep's JSON pong is a data frame: it waits for the end of an upstream message whose first
+/// fragment is already on its way to the client, never landing between its fragments (RFC 6455
+/// §5.4). Read with wskeep's frame client, which shows the frames as they come.
+#[tokio::test]
+async fn a_json_pong_waits_for_the_end_of_an_upstream_fragmented_message() {
+    let cert = common::test_cert();
+    let upstream = TestUpstream::start().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), "")).await;
+    let url = format!("wss://localhost:{}/", sidecar.addr.port());
+    let options = ClientOptions { insecure: true, timeout: Some(LIMIT), ..Default::default() };
+    let mut conn = client::connect(&url, &options).await.unwrap();
+    let mut next_data_frame = async || loop {
+        let frame = tokio::time::timeout(LIMIT, conn.reader.read_frame()).await.unwrap().unwrap().unwrap();
+        if frame.opcode < client::OP_CLOSE {
+            return (frame.fin, frame.opcode, String::from_utf8(frame.payload.to_vec()).unwrap());
+        }
+    };
+    conn.writer.send(client::OP_TEXT, b"fragments:").await.unwrap();
+    assert_eq!(next_data_frame().await, (false, client::OP_TEXT, "first ".into()));
+    conn.writer.send(client::OP_TEXT, br#"{"type":"ping","id":7}"#).await.unwrap();
+    conn.writer.send(client::OP_TEXT, b"continue").await.unwrap();
+    assert_eq!(next_data_frame().await, (true, client::OP_CONTINUATION, "last".into()));
+    let (fin, opcode, pong) = next_data_frame().await;
+    assert!(fin && opcode == client::OP_TEXT && pong.contains("pong") && pong.contains(r#""id":7"#), "{pong}");
 }

@@ -12,7 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -261,6 +262,22 @@ async fn serve_upstream(tcp: TcpStream, seen: Arc<Mutex<Vec<SeenRequest>>>, clos
                     }
                 }
                 return;
+            }
+            Message::Text(t) if t.as_str() == "fragments:" => {
+                // A message whose first fragment leaves now and whose last waits for "continue".
+                let first = Frame::message(&b"first "[..], OpCode::Data(Data::Text), false);
+                if ws.send(Message::Frame(first)).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(m)) = ws.next().await {
+                    if matches!(&m, Message::Text(t) if t.as_str() == "continue") {
+                        break;
+                    }
+                }
+                let last = Frame::message(&b"last"[..], OpCode::Data(Data::Continue), true);
+                if ws.send(Message::Frame(last)).await.is_err() {
+                    return;
+                }
             }
             Message::Text(_) | Message::Binary(_) => {
                 if ws.send(msg).await.is_err() {
