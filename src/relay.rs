@@ -177,12 +177,15 @@ struct Outbox {
     /// The last frame forwarded did not end its message: a data frame of wskeep's own (a JSON
     /// pong) must wait for the message's end (RFC 6455 §5.4).
     open_message: bool,
-    /// wskeep's own frames waiting for the frame still arriving (control frames), or for the
-    /// open message to end (data frames). Empty, and unallocated, nearly always.
-    held_control: Vec<u8>,
+    /// wskeep's own control frames waiting for the frame still arriving: at most one ping (a
+    /// timer's) and one pong (for the latest ping only, as RFC 6455 §5.5.3 allows). Empty, and
+    /// unallocated, nearly always.
+    held_ping: Vec<u8>,
+    held_pong: Vec<u8>,
+    /// JSON pongs waiting for the open message to end, up to `OWN_BUDGET` (more are dropped).
     held_data: Vec<u8>,
-    /// wskeep's own bytes queued since this outbox last emptied (an upper bound on what is still
-    /// unwritten): past `OWN_BUDGET`, the peer they answer is not read.
+    /// wskeep's own bytes among the complete frames not yet written: past `OWN_BUDGET`, the
+    /// peer they answer is not read.
     own: usize,
 }
 
@@ -195,7 +198,8 @@ impl Outbox {
             unflushed: false,
             masked,
             open_message: false,
-            held_control: Vec::new(),
+            held_ping: Vec::new(),
+            held_pong: Vec::new(),
             held_data: Vec::new(),
             own: 0,
         }
@@ -212,22 +216,29 @@ impl Outbox {
     }
 
     /// Queues a whole frame of wskeep's own: at once if it may go next, else held until it may.
-    fn push_frame(&mut self, opcode: u8, payload: &[u8]) {
+    /// `false`: dropped (a ping while one is held already, a JSON pong past the budget).
+    fn push_frame(&mut self, opcode: u8, payload: &[u8]) -> bool {
         let mask = self.mask();
         let control = opcode & 0x8 != 0;
         let at_boundary = self.committed == self.buf.len();
-        let out = match (at_boundary, control) {
-            (true, true) => &mut self.buf,
-            (true, false) if !self.open_message => &mut self.buf,
-            (_, true) => &mut self.held_control,
-            (_, false) => &mut self.held_data,
+        let out = match opcode {
+            _ if at_boundary && (control || !self.open_message) => &mut self.buf,
+            frame::OP_PONG => {
+                self.held_pong.clear();
+                &mut self.held_pong
+            }
+            frame::OP_PING if !self.held_ping.is_empty() => return false,
+            // A ping; a close is only ever pushed at a boundary (after `drop_partial`).
+            _ if control => &mut self.held_ping,
+            _ if self.held_data.len() >= OWN_BUDGET => return false,
+            _ => &mut self.held_data,
         };
-        let before = out.len();
         frame::write_frame(out, true, opcode, payload, mask);
-        self.own += out.len() - before;
-        if at_boundary {
+        if at_boundary && self.committed < self.buf.len() {
+            self.own += self.buf.len() - self.committed;
             self.committed = self.buf.len();
         }
+        true
     }
 
     /// The frame that was arriving is whole and checked: it may be written, and so may the
@@ -244,13 +255,17 @@ impl Outbox {
     }
 
     fn release_held(&mut self) {
+        let before = self.buf.len();
         // `take`, not `append`: a held buffer's allocation goes too.
-        if !self.held_control.is_empty() {
-            self.buf.extend_from_slice(&std::mem::take(&mut self.held_control));
+        for held in [&mut self.held_ping, &mut self.held_pong] {
+            if !held.is_empty() {
+                self.buf.extend_from_slice(&std::mem::take(held));
+            }
         }
         if !self.open_message && !self.held_data.is_empty() {
             self.buf.extend_from_slice(&std::mem::take(&mut self.held_data));
         }
+        self.own += self.buf.len() - before;
         self.committed = self.buf.len();
     }
 
@@ -264,6 +279,8 @@ impl Outbox {
             self.written += n;
             self.unflushed = true;
         }
+        // Every complete frame is written, wskeep's own among them.
+        self.own = 0;
         if self.written > 0 {
             if self.committed == self.buf.len() {
                 if self.buf.capacity() > KEEP_CAPACITY {
@@ -271,7 +288,6 @@ impl Outbox {
                 } else {
                     self.buf.clear();
                 }
-                self.own = self.held_control.len() + self.held_data.len();
             } else {
                 self.buf.drain(..self.written);
             }
@@ -360,11 +376,14 @@ pub async fn run(
                     // Pings and pongs are dropped while the peer reads nothing: its idle timer
                     // decides its fate, and the buffer stays bounded.
                     Due::Ping(payload) if leg.out.has_room() => {
-                        leg.out.push_frame(frame::OP_PING, &payload);
-                        metrics.pings_sent[side as usize].inc();
-                        conn.leg(side).pings_sent.fetch_add(1, Relaxed);
+                        if leg.out.push_frame(frame::OP_PING, &payload) {
+                            metrics.pings_sent[side as usize].inc();
+                            conn.leg(side).pings_sent.fetch_add(1, Relaxed);
+                        }
                     }
-                    Due::Pong if leg.out.has_room() => leg.out.push_frame(frame::OP_PONG, &[]),
+                    Due::Pong if leg.out.has_room() => {
+                        leg.out.push_frame(frame::OP_PONG, &[]);
+                    }
                     Due::Ping(_) | Due::Pong => {}
                 }
             }
@@ -447,8 +466,8 @@ fn poll_read(
         relayed.record(side, meters);
         if let Err(Ending::Refused(..)) = result {
             // The rest of this read is parsed and dropped, so the closing handshake reads this
-            // leg from a frame boundary.
-            while let Ok(Some(_)) = reader.next(&mut rest) {}
+            // leg from a frame boundary (an error consumes a header, so this ends).
+            while !matches!(reader.next(&mut rest), Ok(None)) {}
         }
         result
     });
@@ -578,8 +597,9 @@ fn forward_piece(
         // A JSON ping is a whole text message from the client (browsers never fragment one).
         let matcher = meters.settings.json_ping.as_deref().filter(|_| from == Side::Client);
         if let Some((matcher, reply)) = matcher.and_then(|m| Some((m, m.answer(text?)?))) {
-            back.push_frame(frame::OP_TEXT, reply.as_bytes());
-            meters.metrics.json_pings_answered.inc();
+            if back.push_frame(frame::OP_TEXT, reply.as_bytes()) {
+                meters.metrics.json_pings_answered.inc();
+            }
             if !matcher.forward {
                 out.drop_partial();
                 return Ok(());
@@ -641,6 +661,7 @@ async fn close_leg(mut leg: Leg, action: CloseAction) -> (Option<u16>, Option<u1
         payload.extend_from_slice(&c.code.to_be_bytes());
         payload.extend_from_slice(c.reason.as_bytes());
     }
+    // At a boundary now (`drop_partial`), so it is queued, never held or dropped.
     leg.out.push_frame(frame::OP_CLOSE, &payload);
     let mut written = false;
     let handshake = async {
@@ -669,9 +690,9 @@ async fn await_close(leg: &mut Leg) -> Option<u16> {
                         let close = frame::parse_close(reader.control_payload());
                         return Some(close.ok().map(|c| c.map_or(1005, |(code, _)| code)));
                     }
-                    Ok(Some(_)) => {}
+                    // Frames that break the rules still pass: the close may come after them.
+                    Ok(Some(_)) | Err(_) => {}
                     Ok(None) => return None,
-                    Err(_) => return Some(None),
                 }
             }
         }));
