@@ -381,7 +381,9 @@ pub async fn run(
                             conn.leg(side).pings_sent.fetch_add(1, Relaxed);
                         }
                     }
-                    Due::Pong if leg.out.has_room() => {
+                    // A held pong (answering the peer's ping) already serves, and must not be
+                    // replaced by this one.
+                    Due::Pong if leg.out.has_room() && leg.out.held_pong.is_empty() => {
                         leg.out.push_frame(frame::OP_PONG, &[]);
                     }
                     Due::Ping(_) | Due::Pong => {}
