@@ -395,12 +395,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     pub fn queue_close(&mut self, code: Option<u16>, reason: &str) {
-        let mut payload = Vec::with_capacity(2 + reason.len());
-        if let Some(code) = code {
-            payload.extend_from_slice(&code.to_be_bytes());
-            payload.extend_from_slice(reason.as_bytes());
-        }
-        self.queue(OP_CLOSE, true, &payload);
+        self.queue(OP_CLOSE, true, &frame::close_payload(code, reason));
     }
 
     pub fn buffered(&self) -> usize {

@@ -433,6 +433,16 @@ pub fn parse_close(payload: &[u8]) -> Result<Option<(u16, &str)>, Violation> {
     }
 }
 
+/// A close frame's payload: the code and reason, or nothing for a close without a code.
+pub fn close_payload(code: Option<u16>, reason: &str) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(2 + reason.len());
+    if let Some(code) = code {
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason.as_bytes());
+    }
+    payload
+}
+
 /// Codes an endpoint may send (RFC 6455 §7.4, and the IANA registry's 1012–1014): not 1004–1006,
 /// 1015, other values below 3000, or 5000 and up.
 pub fn close_code_allowed(code: u16) -> bool {

@@ -74,52 +74,41 @@ impl LegStream {
         if let Some(leftover) = self.leftover.take() {
             return Poll::Ready(Ok(use_bytes(&leftover)));
         }
-        match &mut self.io {
+        let io = match &mut self.io {
             Io::Tls(tls) => {
                 let mut tls = Pin::new(tls.as_mut());
                 let bytes = ready!(tls.as_mut().poll_fill_buf(cx))?;
                 let (len, result) = (bytes.len(), use_bytes(bytes));
                 tls.consume(len);
-                Poll::Ready(Ok(result))
+                return Poll::Ready(Ok(result));
             }
-            Io::Plain(tcp) => read_into(Pin::new(tcp), cx, scratch, use_bytes),
-            Io::Other(io) => read_into(Pin::new(io.as_mut()), cx, scratch, use_bytes),
-        }
+            Io::Plain(tcp) => tcp as &mut dyn Transport,
+            Io::Other(io) => io.as_mut(),
+        };
+        let mut buf = ReadBuf::uninit(scratch);
+        ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(use_bytes(buf.filled())))
+    }
+
+    /// The transport, for writing: one dynamic call per write, next to a system call.
+    fn transport(&mut self) -> Pin<&mut dyn Transport> {
+        Pin::new(match &mut self.io {
+            Io::Tls(io) => io.as_mut(),
+            Io::Plain(io) => io,
+            Io::Other(io) => io.as_mut(),
+        })
     }
 
     pub fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.io {
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, data),
-            Io::Plain(io) => Pin::new(io).poll_write(cx, data),
-            Io::Other(io) => Pin::new(io.as_mut()).poll_write(cx, data),
-        }
+        self.transport().poll_write(cx, data)
     }
 
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.io {
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
-            Io::Plain(io) => Pin::new(io).poll_flush(cx),
-            Io::Other(io) => Pin::new(io.as_mut()).poll_flush(cx),
-        }
+        self.transport().poll_flush(cx)
     }
 
     /// Flushes what the transport still buffers and shuts its write side (TLS: `close_notify`).
     pub fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.io {
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
-            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            Io::Other(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
-        }
+        self.transport().poll_shutdown(cx)
     }
-}
-
-fn read_into<R>(
-    io: Pin<&mut (impl AsyncRead + ?Sized)>,
-    cx: &mut Context<'_>,
-    scratch: &mut [MaybeUninit<u8>],
-    use_bytes: impl FnOnce(&[u8]) -> R,
-) -> Poll<io::Result<R>> {
-    let mut buf = ReadBuf::uninit(scratch);
-    ready!(io.poll_read(cx, &mut buf))?;
-    Poll::Ready(Ok(use_bytes(buf.filled())))
 }

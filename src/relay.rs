@@ -658,11 +658,10 @@ async fn close_leg(mut leg: Leg, action: CloseAction) -> (Option<u16>, Option<u1
     let code = wire_code(&close);
     // Complete frames go first; a frame that never fully arrived is not sent.
     leg.out.drop_partial();
-    let mut payload = Vec::new();
-    if let Some(c) = &close {
-        payload.extend_from_slice(&c.code.to_be_bytes());
-        payload.extend_from_slice(c.reason.as_bytes());
-    }
+    let payload = match &close {
+        Some(c) => frame::close_payload(Some(c.code), &c.reason),
+        None => frame::close_payload(None, ""),
+    };
     // At a boundary now (`drop_partial`), so it is queued, never held or dropped.
     leg.out.push_frame(frame::OP_CLOSE, &payload);
     let mut written = false;
