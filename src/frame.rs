@@ -338,6 +338,33 @@ pub fn write_frame<B: BufMut + AsMut<[u8]>>(out: &mut B, fin: bool, opcode: u8, 
     }
 }
 
+/// A whole control frame built on the stack, for writing without a buffer.
+pub struct ControlFrame {
+    bytes: [u8; 2 + 4 + MAX_CONTROL],
+    len: usize,
+}
+
+impl ControlFrame {
+    /// `payload` is at most `MAX_CONTROL` bytes; more is not a control frame and is cut.
+    pub fn new(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> ControlFrame {
+        let payload = &payload[..payload.len().min(MAX_CONTROL)];
+        let mut bytes = [0; 2 + 4 + MAX_CONTROL];
+        let mut rest = &mut bytes[..];
+        write_head(&mut rest, true, opcode, payload.len() as u64, mask);
+        let head = 2 + 4 + MAX_CONTROL - rest.len();
+        let len = head + payload.len();
+        bytes[head..len].copy_from_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut bytes[head..len], key);
+        }
+        ControlFrame { bytes, len }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// XORs `buf` with the masking key, `buf[0]` taking `key[0]` (RFC 6455 §5.3).
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
     let wide = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);

@@ -5,25 +5,27 @@
 //! lazy: a frame only stores its arrival time, and the deadline is pushed back when it comes due
 //! early, so a busy connection costs one timer check per timeout period instead of one per frame.
 //!
-//! Both legs share a single `Sleep`, armed at the earliest of their deadlines, and periodic timers
-//! stay on their grid (start + k × period). With equal intervals both legs' pings therefore fall
-//! due together and go out in one wake-up.
+//! Both legs wait together, for the earliest of their deadlines, and periodic timers stay on their
+//! grid (start + k × period). With equal intervals both legs' pings therefore fall due together
+//! and go out in one wake-up.
 //!
-//! The sleep is also released on a coarse grid shared by every connection (`coalescing`): a
-//! timer fires up to 1/16 of its period late (at most 250 ms), so the pings of thousands of
-//! connections leave in bursts. A burst wakes the peers and wskeep itself once instead of once
-//! per connection; at scale those wake-ups, not the pings, are what keepalive costs.
+//! That wait ends on a coarse grid shared by every connection (`coalescing`): a timer fires up
+//! to 1/16 of its period late (at most 250 ms), so the pings of thousands of connections leave in
+//! bursts, and the connections of one grid instant wait in one shared slot (`TimerSlots`), not
+//! in a timer each. At scale the wake-ups, not the pings, are what keepalive costs.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::metrics::Side;
+
+mod slots;
+use slots::Ticket;
+pub use slots::TimerSlots;
 
 /// What a leg's timers ask for.
 #[derive(Debug, PartialEq, Eq)]
@@ -152,18 +154,26 @@ fn on_grid(at: Instant, step: Duration) -> Instant {
 
 pub struct Keepalive {
     legs: [LegState; 2],
-    /// Armed at the earliest deadline of both legs; `None` when every timer is off.
-    sleep: Option<Pin<Box<Sleep>>>,
+    slots: TimerSlots,
     slack: Duration,
+    wait: Wait,
+}
+
+/// Where the timers stand between two looks at the legs.
+enum Wait {
+    /// Look at the legs on the next poll: new, or a timer just fired.
+    Look,
+    /// Waiting in the slot of the earliest deadline of both legs.
+    Slot(Ticket),
+    /// Every timer is off, or a leg was found dead.
+    Stopped,
 }
 
 impl Keepalive {
     /// `slack`: how late a timer may fire to share a slot (see `coalescing`; zero: exact).
-    pub fn new(client: LegTimers, upstream: LegTimers, slack: Duration) -> Keepalive {
+    pub fn new(client: LegTimers, upstream: LegTimers, slack: Duration, slots: TimerSlots) -> Keepalive {
         let now = Instant::now();
-        let legs = [LegState::new(client, now), LegState::new(upstream, now)];
-        let first = legs.iter().filter_map(LegState::next_deadline).min();
-        Keepalive { legs, sleep: first.map(|at| Box::pin(tokio::time::sleep_until(on_grid(at, slack)))), slack }
+        Keepalive { legs: [LegState::new(client, now), LegState::new(upstream, now)], slots, slack, wait: Wait::Look }
     }
 
     /// A frame arrived from the peer on this side.
@@ -184,27 +194,35 @@ impl Keepalive {
     }
 
     /// The next timer that is due, one at a time; a leg found dead fires once and the timers stop
-    /// (the connection ends there).
+    /// (the connection ends there). Between deadlines a call costs one flag load: no clock read.
     pub fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<(Side, Due)> {
-        let Some(sleep) = &mut self.sleep else { return Poll::Pending };
-        // The sleep stays ready until it is reset, so each due timer is found on its own call.
-        while sleep.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            for (leg, side) in self.legs.iter_mut().zip([Side::Client, Side::Upstream]) {
-                if let Some(due) = leg.due(now) {
-                    if due == Due::Dead {
-                        self.sleep = None;
-                    }
-                    return Poll::Ready((side, due));
-                }
-            }
-            let Some(next) = self.legs.iter().filter_map(LegState::next_deadline).min() else {
-                self.sleep = None;
-                return Poll::Pending;
-            };
-            sleep.as_mut().reset(on_grid(next, self.slack));
+        match &self.wait {
+            Wait::Stopped => return Poll::Pending,
+            Wait::Slot(ticket) if !ticket.has_fired() => return Poll::Pending,
+            Wait::Slot(_) | Wait::Look => {}
         }
+        let now = Instant::now();
+        for (leg, side) in self.legs.iter_mut().zip([Side::Client, Side::Upstream]) {
+            if let Some(due) = leg.due(now) {
+                // More may be due at the same instant: look again on the next call.
+                self.wait = if due == Due::Dead { Wait::Stopped } else { Wait::Look };
+                return Poll::Ready((side, due));
+            }
+        }
+        // Every deadline left is in the future (`due` moved each one past `now`).
+        self.wait = match self.legs.iter().filter_map(LegState::next_deadline).min() {
+            Some(next) => Wait::Slot(self.slots.wait(on_grid(next, self.slack), cx.waker())),
+            None => Wait::Stopped,
+        };
         Poll::Pending
+    }
+}
+
+impl Drop for Keepalive {
+    fn drop(&mut self) {
+        if let Wait::Slot(ticket) = &self.wait {
+            self.slots.cancel(ticket);
+        }
     }
 }
 
@@ -220,6 +238,11 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// Timers with no slack, each connection in slots of its own.
+    fn exact(client: LegTimers, upstream: LegTimers) -> Keepalive {
+        Keepalive::new(client, upstream, Duration::ZERO, TimerSlots::default())
+    }
+
     async fn next(k: &mut Keepalive) -> (Side, Due) {
         poll_fn(|cx| k.poll_due(cx)).await
     }
@@ -227,7 +250,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pings_at_the_interval_and_measures_the_answer() {
         let start = Instant::now();
-        let mut k = Keepalive::new(LegTimers { ping_interval: ms(200), ..OFF }, OFF, Duration::ZERO);
+        let mut k = exact(LegTimers { ping_interval: ms(200), ..OFF }, OFF);
         let (Side::Client, Due::Ping(first)) = next(&mut k).await else { panic!("expected a client ping") };
         assert_eq!(Instant::now() - start, ms(200));
         tokio::time::advance(ms(7)).await;
@@ -244,7 +267,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn any_frame_defers_the_deadline() {
         let start = Instant::now();
-        let mut k = Keepalive::new(OFF, LegTimers { timeout: ms(300), ..OFF }, Duration::ZERO);
+        let mut k = exact(OFF, LegTimers { timeout: ms(300), ..OFF });
         tokio::time::advance(ms(250)).await;
         k.saw_frame(Side::Upstream, Instant::now());
         assert_eq!(next(&mut k).await, (Side::Upstream, Due::Dead));
@@ -257,7 +280,7 @@ mod tests {
     async fn both_legs_fall_due_together_on_one_timer() {
         let start = Instant::now();
         let every = LegTimers { ping_interval: ms(100), ..OFF };
-        let mut k = Keepalive::new(every, LegTimers { pong_interval: ms(100), ..every }, Duration::ZERO);
+        let mut k = exact(every, LegTimers { pong_interval: ms(100), ..every });
         for round in 1..=3 {
             let mut got = Vec::new();
             for _ in 0..3 {
@@ -272,7 +295,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_a_stall_ticks_carry_on_at_the_period() {
         let start = Instant::now();
-        let mut k = Keepalive::new(OFF, LegTimers { pong_interval: ms(100), ..OFF }, Duration::ZERO);
+        let mut k = exact(OFF, LegTimers { pong_interval: ms(100), ..OFF });
         tokio::time::advance(ms(350)).await;
         assert_eq!(next(&mut k).await, (Side::Upstream, Due::Pong));
         assert_eq!(Instant::now() - start, ms(350));
@@ -293,14 +316,17 @@ mod tests {
     async fn connections_opened_apart_ping_in_a_few_shared_slots() {
         let every = LegTimers { ping_interval: ms(1000), ..OFF };
         let slack = coalescing(&[every]);
+        let slots = TimerSlots::default();
         // 100 connections opened 1 ms apart.
         let mut conns = Vec::new();
         for _ in 0..100 {
-            conns.push((Keepalive::new(every, OFF, slack), Instant::now() + ms(1000), None));
+            conns.push((Keepalive::new(every, OFF, slack, slots.clone()), Instant::now() + ms(1000), None));
             tokio::time::advance(ms(1)).await;
         }
         while conns.iter().any(|(_, _, fired)| fired.is_none()) {
             tokio::time::advance(ms(1)).await;
+            // A slot fires from a task of its own: let it run.
+            tokio::task::yield_now().await;
             for (k, _, fired) in conns.iter_mut().filter(|c| c.2.is_none()) {
                 if tokio::time::timeout(Duration::ZERO, next(k)).await.is_ok() {
                     *fired = Some(Instant::now());
@@ -317,8 +343,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_connection_that_ends_gives_up_its_place() {
+        let slots = TimerSlots::default();
+        let every = LegTimers { ping_interval: ms(1000), ..OFF };
+        let mut ended = Keepalive::new(every, OFF, coalescing(&[every]), slots.clone());
+        let mut staying = Keepalive::new(every, OFF, coalescing(&[every]), slots.clone());
+        for k in [&mut ended, &mut staying] {
+            assert!(tokio::time::timeout(Duration::ZERO, next(k)).await.is_err());
+        }
+        assert_eq!(slots.pending(), 2, "both wait, in one slot");
+        drop(ended);
+        assert_eq!(slots.pending(), 1, "the waker of an ended connection is not kept");
+        assert!(matches!(next(&mut staying).await, (Side::Client, Due::Ping(_))));
+        assert_eq!(slots.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn disabled_timers_never_fire() {
-        let mut off = Keepalive::new(OFF, OFF, Duration::ZERO);
+        let mut off = exact(OFF, OFF);
         let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut off)).await;
         assert!(waited.is_err(), "no timer may fire when all are off");
     }

@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connections::ConnInfo;
-use crate::frame::{self, Control, DataFrame, FrameReader, Kind, Step, Utf8Check, Violation};
+use crate::frame::{self, Control, ControlFrame, DataFrame, FrameReader, Kind, Step, Utf8Check, Violation};
 use crate::jsonping::JsonPingMatcher;
-use crate::keepalive::{self, Due, Keepalive, LegTimers};
+use crate::keepalive::{self, Due, Keepalive, LegTimers, TimerSlots};
 use crate::legstream::LegStream;
 use crate::metrics::{End, Metrics, Side};
 use crate::shutdown::CLOSE_BOUND;
@@ -55,6 +55,8 @@ pub struct RelaySettings {
     pub json_ping: Option<Arc<JsonPingMatcher>>,
     /// The largest message (and frame) either side may send.
     pub max_message_size: u64,
+    /// Where every connection's keepalive timers wait.
+    pub timer_slots: TimerSlots,
 }
 
 impl RelaySettings {
@@ -75,6 +77,7 @@ impl RelaySettings {
             ],
             json_ping: JsonPingMatcher::new(&config.json_ping).map(Arc::new),
             max_message_size: config.limits.max_message_size.0,
+            timer_slots: TimerSlots::default(),
         }
     }
 }
@@ -241,6 +244,29 @@ impl Outbox {
         true
     }
 
+    /// Sends a control frame of wskeep's own. With nothing waiting before it, it is written
+    /// straight from the stack, so an idle connection's pings never need a buffer; otherwise,
+    /// or for what the transport did not take, it is queued as `push_frame` does.
+    fn send_control(&mut self, io: &mut LegStream, cx: &mut Context<'_>, opcode: u8, payload: &[u8]) -> bool {
+        if !self.buf.is_empty() {
+            return self.push_frame(opcode, payload);
+        }
+        let frame = ControlFrame::new(opcode, payload, self.mask());
+        let frame = frame.as_bytes();
+        // An error is not handled here: the queued frame meets it again in `poll_write`.
+        let n = match io.poll_write(cx, frame) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(_)) | Poll::Pending => 0,
+        };
+        self.unflushed |= n > 0;
+        if n < frame.len() {
+            self.buf.extend_from_slice(&frame[n..]);
+            self.own += frame.len() - n;
+            self.committed = self.buf.len();
+        }
+        true
+    }
+
     /// The frame that was arriving is whole and checked: it may be written, and so may the
     /// frames held behind it.
     fn commit_forwarded(&mut self, fin: bool) {
@@ -347,7 +373,8 @@ pub async fn run(
     };
     let mut legs = [leg(Side::Client, client, true), leg(Side::Upstream, upstream, false)];
     let [client_timers, upstream_timers] = settings.timers;
-    let mut keepalive = Keepalive::new(client_timers, upstream_timers, keepalive::coalescing(&settings.timers));
+    let slack = keepalive::coalescing(&settings.timers);
+    let mut keepalive = Keepalive::new(client_timers, upstream_timers, slack, settings.timer_slots.clone());
     let meters = Meters { settings, metrics, conn };
     // Every relay shares one token, and polling its future takes the token's lock each time; so
     // the future is polled once, to register this task's waker, and afterwards only the flag is
@@ -376,7 +403,7 @@ pub async fn run(
                     // Pings and pongs are dropped while the peer reads nothing: its idle timer
                     // decides its fate, and the buffer stays bounded.
                     Due::Ping(payload) if leg.out.has_room() => {
-                        if leg.out.push_frame(frame::OP_PING, &payload) {
+                        if leg.out.send_control(&mut leg.io, cx, frame::OP_PING, &payload) {
                             metrics.pings_sent[side as usize].inc();
                             conn.leg(side).pings_sent.fetch_add(1, Relaxed);
                         }
@@ -384,7 +411,7 @@ pub async fn run(
                     // A held pong (answering the peer's ping) already serves, and must not be
                     // replaced by this one.
                     Due::Pong if leg.out.has_room() && leg.out.held_pong.is_empty() => {
-                        leg.out.push_frame(frame::OP_PONG, &[]);
+                        leg.out.send_control(&mut leg.io, cx, frame::OP_PONG, &[]);
                     }
                     Due::Ping(_) | Due::Pong => {}
                 }

@@ -156,7 +156,12 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
     let (client_peer, client_end) = pipe(case.pipe, Role::Client).await;
     let (upstream_peer, upstream_end) = pipe(case.pipe, Role::Server).await;
     let off = LegTimers { ping_interval: Duration::ZERO, pong_interval: Duration::ZERO, timeout: Duration::ZERO };
-    let settings = RelaySettings { timers: [off, off], json_ping: None, max_message_size: 1 << 20 };
+    let settings = RelaySettings {
+        timers: [off, off],
+        json_ping: None,
+        max_message_size: 1 << 20,
+        timer_slots: Default::default(),
+    };
     let conn = ConnInfo {
         id: 1,
         peer: SocketAddr::from(([127, 0, 0, 1], 1)),

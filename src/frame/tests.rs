@@ -216,3 +216,13 @@ fn a_refused_frame_is_passed_over_so_the_peers_close_reads_as_a_frame() {
         }
     }
 }
+
+#[test]
+fn a_control_frame_on_the_stack_is_the_same_bytes() {
+    for payload in [&b""[..], b"12345678", &[7; MAX_CONTROL]] {
+        for masked in [false, true] {
+            let frame = ControlFrame::new(OP_PING, payload, masked.then_some(KEY));
+            assert_eq!(frame.as_bytes(), wire(true, OP_PING, payload, masked));
+        }
+    }
+}

@@ -153,6 +153,9 @@ enum Op {
     Ping,
     Pong,
     JsonPong,
+    /// A timer's ping, sent straight when nothing waits, with the transport taking up to this
+    /// many bytes of it.
+    TimerPing(u8),
     /// The transport takes up to this many bytes.
     Write(u16),
 }
@@ -167,6 +170,7 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         Just(Op::Ping),
         Just(Op::Pong),
         Just(Op::JsonPong),
+        (0..8u8).prop_map(Op::TimerPing),
         (0..200u16).prop_map(Op::Write),
     ]
 }
@@ -255,6 +259,10 @@ proptest::proptest! {
                 Op::Ping => { out.push_frame(OP_PING, b"p"); }
                 Op::Pong => { out.push_frame(frame::OP_PONG, b"o"); }
                 Op::JsonPong => { out.push_frame(OP_TEXT, b"{}"); }
+                Op::TimerPing(n) => {
+                    trickle.0.lock().unwrap().0 = n as usize;
+                    out.send_control(&mut io, &mut Context::from_waker(std::task::Waker::noop()), OP_PING, b"t");
+                }
                 Op::Write(n) => write_some(&mut out, &mut io, &trickle, n as usize),
             }
             proptest::prop_assert!(out.written <= out.committed && out.committed <= out.buf.len());
