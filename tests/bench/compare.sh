@@ -16,7 +16,9 @@
 #                       4: IDLE_CONNS idle TLS connections held IDLE_HOLD (handshakes/s, proxy RSS per connection)
 #                       5: wskeep only: IDLE_CONNS idle TLS connections, 1 s pings on both legs, KEEPALIVE_HOLD
 #                          (wskeep CPU over the middle half of the hold, connections lost); as
-#                          tests/bench/keepalive_scale.sh but over TLS, client timeout 30 s
+#                          tests/bench/keepalive_scale.sh but over TLS, client timeout 30 s.
+#                          Its direct run is the kernel floor, tests/bench/floor.c (built with cc):
+#                          the same writes and reads on as many loopback sockets, nothing else
 #   PROXIES [direct nginx haproxy wskeep]
 #   IDLE_CONNS [9500]   a process may hold 20,000 descriptors here and a proxy needs two per
 #                       connection plus its listener, log and epoll descriptors: 10,000 does not fit
@@ -261,9 +263,25 @@ bench_cpu() {
   cpu_ticks=$((t1 - t0)); wall=$(python3 -c "print($end-$start)")
 }
 
+# Scenario 5's floor: a ping and a pong a second on each of 2 x IDLE_CONNS loopback sockets, with
+# no TLS, WebSocket or timers: what the system calls alone cost here.
+floor_s5() {
+  local port ppid json
+  port=$(free_port)
+  taskset -c 0 "$floor" peer "$port" >"$OUT/$tag.peer.log" 2>&1 & ppid=$!; pids+=("$ppid")
+  wait_tcp "$port" || { echo "floor peer did not start" >&2; stop "$ppid"; return 0; }
+  if json=$(timeout $((KEEPALIVE_HOLD + 60)) taskset -c 1 "$floor" pinger "$port" $((IDLE_CONNS * 2)) $((KEEPALIVE_HOLD / 2)) 2>"$OUT/$tag.log"); then
+    result s5.cpu_pct "$(jget "$json" cpu_pct)"
+  else
+    echo "floor pinger failed:" >&2; tail -5 "$OUT/$tag.log" >&2
+  fi
+  stop "$ppid"
+}
+
 scenario() {
   local s=$1 tag="r${round}-${current}-s$1"
   log "round $round: $current, scenario $s"
+  if [[ $s == 5 && $current == direct ]]; then floor_s5; return 0; fi
   start_echo
   start_proxy "$current" "$([[ $s == 5 ]] && echo keepalive)"
   case $s in
@@ -340,6 +358,10 @@ scenario() {
 
 read -r -a plist <<<"$PROXIES"
 read -r -a slist <<<"$SCENARIOS"
+floor="$OUT/floor"
+if [[ " $SCENARIOS " == *" 5 "* && " $PROXIES " == *" direct "* ]]; then
+  cc -O2 -o "$floor" tests/bench/floor.c || { echo "compare.sh: cannot build tests/bench/floor.c (cc)" >&2; exit 1; }
+fi
 : >"$OUT/results.tsv"
 t_start=$(date +%s)
 log "wskeep $($bin --version 2>/dev/null || echo '?'); $(nginx -v 2>&1 || true); $(haproxy -v 2>/dev/null | head -1 || true)"
@@ -349,7 +371,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   for ((i = 0; i < n; i++)); do order+=("${plist[$(( (i + round - 1) % n ))]}"); done
   for current in "${order[@]}"; do
     for s in "${slist[@]}"; do
-      [[ $s == 5 && $current != wskeep ]] && continue
+      [[ $s == 5 && $current != wskeep && $current != direct ]] && continue
       scenario "$s"
     done
   done
@@ -391,7 +413,8 @@ rows = [
 cols = proxies + ["wskeep/nginx", "wskeep/haproxy"]
 w0 = max(len(r[1]) for r in rows) + 1
 print(f"\nmedians of {rounds} round(s); scenarios 1-3 {duration}, scenario 4 hold {idle_hold}, scenario 5 hold {ka_hold}s; "
-      f"proxies on CPU 1, load generator and echo upstream on CPU 0; direct = plain ws:// to the echo upstream (no TLS)")
+      f"proxies on CPU 1, load generator and echo upstream on CPU 0; direct = plain ws:// to the echo upstream (no TLS); "
+      f"in scenario 5, direct is the kernel floor (tests/bench/floor.c: the same system calls, nothing else)")
 print("label".ljust(w0) + "".join(c.rjust(15) for c in cols) + "  better")
 for key, label, better, fmt in rows:
     if not any((p, key) in vals for p in proxies):
@@ -405,6 +428,10 @@ for key, label, better, fmt in rows:
         o = med(other, key)
         line += (f"{w / o:.2f}x" if w is not None and o else "-").rjust(15)
     print(line + "  " + better)
+w, f = med("wskeep", "s5.cpu_pct"), med("direct", "s5.cpu_pct")
+if w is not None and f is not None:
+    print(f"\nscenario 5: wskeep {w:.1f} % of a core, of which {f:.1f} % is the kernel floor (direct): "
+          f"{w - f:.1f} % is wskeep's own work (TLS, framing, timers, scheduling)")
 print("\nmsg/s and handshakes/s are capped by the load generator (one core, shared with the echo upstream) "
       "whenever the proxy's CPU is well below 100%: then compare CPU per message, not msg/s. Ratios are "
       "wskeep's value divided by the other's; see the 'better' column for the direction.")
