@@ -458,6 +458,8 @@ pub async fn run(
     })
     .await;
     tracing::debug!(conn = conn.id, ending = ?ending, "connection ending");
+    // Its place in a timer slot goes now, not after the closing handshake.
+    drop(keepalive);
     // Boxed: the closing phase is large and short-lived; keeping it out of the relay future keeps
     // every idle connection small.
     Box::pin(finish(legs, ending, metrics)).await
