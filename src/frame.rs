@@ -347,6 +347,7 @@ pub struct ControlFrame {
 impl ControlFrame {
     /// `payload` is at most `MAX_CONTROL` bytes; more is not a control frame and is cut.
     pub fn new(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> ControlFrame {
+        debug_assert!(payload.len() <= MAX_CONTROL, "a control frame's payload is at most 125 bytes");
         let payload = &payload[..payload.len().min(MAX_CONTROL)];
         let mut bytes = [0; 2 + 4 + MAX_CONTROL];
         let mut rest = &mut bytes[..];

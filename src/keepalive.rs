@@ -161,7 +161,7 @@ pub struct Keepalive {
 
 /// Where the timers stand between two looks at the legs.
 enum Wait {
-    /// Look at the legs on the next poll: new, or a timer just fired.
+    /// Look at the legs on the next poll: new, or a due timer was just returned (more may be).
     Look,
     /// Waiting in the slot of the earliest deadline of both legs.
     Slot(Ticket),
@@ -195,6 +195,7 @@ impl Keepalive {
 
     /// The next timer that is due, one at a time; a leg found dead fires once and the timers stop
     /// (the connection ends there). Between deadlines a call costs one flag load: no clock read.
+    /// Always polled from the same task: the waker given when a wait begins is the one woken.
     pub fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<(Side, Due)> {
         match &self.wait {
             Wait::Stopped => return Poll::Pending,
@@ -211,7 +212,7 @@ impl Keepalive {
         }
         // Every deadline left is in the future (`due` moved each one past `now`).
         self.wait = match self.legs.iter().filter_map(LegState::next_deadline).min() {
-            Some(next) => Wait::Slot(self.slots.wait(on_grid(next, self.slack), cx.waker())),
+            Some(next) => Wait::Slot(self.slots.join(on_grid(next, self.slack), cx.waker())),
             None => Wait::Stopped,
         };
         Poll::Pending
@@ -333,29 +334,49 @@ mod tests {
                 }
             }
         }
-        let mut slots: Vec<Instant> = conns.iter().filter_map(|c| c.2).collect();
+        let mut instants: Vec<Instant> = conns.iter().filter_map(|c| c.2).collect();
         for (_, due, fired) in &conns {
             let fired = fired.unwrap_or(*due);
             assert!(fired >= *due && fired <= *due + slack + ms(1), "fired {:?} after due", fired - *due);
         }
-        slots.dedup();
-        assert!(slots.len() <= 3, "100 pings over 100 ms fall in 62.5 ms slots, got {} instants", slots.len());
+        instants.dedup();
+        assert!(instants.len() <= 3, "100 pings over 100 ms fall in 62.5 ms slots, got {} instants", instants.len());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_ends_gives_up_its_place() {
         let slots = TimerSlots::default();
         let every = LegTimers { ping_interval: ms(1000), ..OFF };
-        let mut ended = Keepalive::new(every, OFF, coalescing(&[every]), slots.clone());
-        let mut staying = Keepalive::new(every, OFF, coalescing(&[every]), slots.clone());
+        let join = || Keepalive::new(every, OFF, coalescing(&[every]), slots.clone());
+        let (mut ended, mut staying) = (join(), join());
         for k in [&mut ended, &mut staying] {
             assert!(tokio::time::timeout(Duration::ZERO, next(k)).await.is_err());
         }
-        assert_eq!(slots.pending(), 2, "both wait, in one slot");
+        assert_eq!((slots.slots(), slots.waiting()), (1, 2), "both wait, in one slot");
         drop(ended);
-        assert_eq!(slots.pending(), 1, "the waker of an ended connection is not kept");
+        assert_eq!(slots.waiting(), 1, "the waker of an ended connection is not kept");
         assert!(matches!(next(&mut staying).await, (Side::Client, Due::Ping(_))));
-        assert_eq!(slots.pending(), 0);
+        assert!(tokio::time::timeout(Duration::ZERO, next(&mut staying)).await.is_err());
+        assert_eq!(slots.waiting(), 1, "waiting for the next ping");
+        drop(staying);
+        assert_eq!(slots.slots(), 0, "the last to leave takes the slot with it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_coming_and_going_reuse_places() {
+        let slots = TimerSlots::default();
+        // An hour's idle timeout: the slot is far ahead while connections come and go.
+        let idle = LegTimers { timeout: Duration::from_secs(3600), ..OFF };
+        let join = || Keepalive::new(idle, OFF, coalescing(&[idle]), slots.clone());
+        let mut staying = join();
+        assert!(tokio::time::timeout(Duration::ZERO, next(&mut staying)).await.is_err());
+        for _ in 0..1000 {
+            let mut passing = join();
+            assert!(tokio::time::timeout(Duration::ZERO, next(&mut passing)).await.is_err());
+        }
+        assert_eq!((slots.slots(), slots.waiting()), (1, 1));
+        let places = slots.places();
+        assert!(places <= 2, "1,000 connections one after another took {places} places");
     }
 
     #[tokio::test(start_paused = true)]

@@ -237,11 +237,16 @@ impl Outbox {
             _ => &mut self.held_data,
         };
         frame::write_frame(out, true, opcode, payload, mask);
-        if at_boundary && self.committed < self.buf.len() {
-            self.own += self.buf.len() - self.committed;
-            self.committed = self.buf.len();
+        if at_boundary {
+            self.commit_own(self.committed);
         }
         true
+    }
+
+    /// Everything in the buffer may be written; what is past `start` is wskeep's own.
+    fn commit_own(&mut self, start: usize) {
+        self.own += self.buf.len() - start;
+        self.committed = self.buf.len();
     }
 
     /// Sends a control frame of wskeep's own. With nothing waiting before it, it is written
@@ -261,8 +266,7 @@ impl Outbox {
         self.unflushed |= n > 0;
         if n < frame.len() {
             self.buf.extend_from_slice(&frame[n..]);
-            self.own += frame.len() - n;
-            self.committed = self.buf.len();
+            self.commit_own(0);
         }
         true
     }
@@ -291,8 +295,7 @@ impl Outbox {
         if !self.open_message && !self.held_data.is_empty() {
             self.buf.extend_from_slice(&std::mem::take(&mut self.held_data));
         }
-        self.own += self.buf.len() - before;
-        self.committed = self.buf.len();
+        self.commit_own(before);
     }
 
     /// Writes the complete frames and flushes the transport.

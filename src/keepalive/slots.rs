@@ -1,19 +1,20 @@
 //! Where the keepalive timers of every connection wait. Deadlines are rounded to a shared grid
 //! (`coalescing`), so thousands of connections wait for the same few instants: each instant is
-//! one slot, with one tokio timer and a list of the wakers to wake when it passes.
+//! one slot, with one task sleeping until it and the wakers to wake then.
 //!
-//! Against a tokio `Sleep` per connection, a connection keeps no timer entry of its own, and
-//! firing a slot walks one contiguous list instead of wheel entries spread over the memory of
-//! every connection. With 10,000 idle connections, that memory is cold at every tick.
+//! Against a tokio `Sleep` per connection, a connection keeps no timer entry of its own: the
+//! timer wheel holds one entry per slot instead of one per connection, and waiting costs a
+//! connection a place in its slot's list.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-/// The slots of one server (one runtime: a slot's timer is a task on it).
+/// The slots of one server. Its connections and the slots' tasks run on one runtime.
 #[derive(Clone, Default)]
 pub struct TimerSlots {
     slots: Arc<Mutex<BTreeMap<Instant, Slot>>>,
@@ -21,8 +22,12 @@ pub struct TimerSlots {
 
 struct Slot {
     fired: Arc<AtomicBool>,
-    /// `None`: given up by a connection that ended first.
+    /// Places, reused once given up (`free`): a slot far ahead (an hour's idle timeout) sees
+    /// connections come and go, and keeps only as many places as wait at once.
     wakers: Vec<Option<Waker>>,
+    free: Vec<usize>,
+    waiting: usize,
+    task: AbortHandle,
 }
 
 /// A connection's place in a slot.
@@ -41,46 +46,89 @@ impl Ticket {
 
 impl TimerSlots {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<Instant, Slot>> {
-        // Nothing panics while the lock is held; a poisoned map is still consistent.
+        // The code under this lock does not panic (`tokio::spawn` aside, and the relay always
+        // runs in a runtime), so a poisoned map is still consistent.
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Wakes `waker` once `at` has passed. Called within the runtime: a new slot spawns its timer.
-    pub fn wait(&self, at: Instant, waker: &Waker) -> Ticket {
+    /// Takes a place in the slot of `at`, to have `waker` woken once `at` has passed. The waker
+    /// is kept until then: call from the task that will poll the ticket, whose waker does not
+    /// change (a tokio task's never does).
+    pub fn join(&self, at: Instant, waker: &Waker) -> Ticket {
         let mut slots = self.lock();
-        let slot = slots.entry(at).or_insert_with(|| {
-            tokio::spawn(fire(self.clone(), at));
-            Slot { fired: Arc::default(), wakers: Vec::new() }
+        let slot = slots.entry(at).or_insert_with(|| Slot {
+            fired: Arc::default(),
+            wakers: Vec::new(),
+            free: Vec::new(),
+            waiting: 0,
+            task: tokio::spawn(fire(self.clone(), at)).abort_handle(),
         });
-        slot.wakers.push(Some(waker.clone()));
-        Ticket { at, index: slot.wakers.len() - 1, fired: slot.fired.clone() }
+        let index = match slot.free.pop() {
+            Some(index) => {
+                slot.wakers[index] = Some(waker.clone());
+                index
+            }
+            None => {
+                slot.wakers.push(Some(waker.clone()));
+                slot.wakers.len() - 1
+            }
+        };
+        slot.waiting += 1;
+        Ticket { at, index, fired: slot.fired.clone() }
     }
 
     /// Gives up a place that has not fired, so that the waker of a connection that has ended
-    /// does not keep its task's memory until the slot comes.
+    /// does not keep its task's memory until the slot comes. The last place to go takes the slot
+    /// and its task with it.
     pub fn cancel(&self, ticket: &Ticket) {
+        let mut slots = self.lock();
         if ticket.has_fired() {
             return;
         }
-        let mut slots = self.lock();
-        // The slot at that instant may be a newer one, after ours fired.
-        if let Some(slot) = slots.get_mut(&ticket.at).filter(|slot| Arc::ptr_eq(&slot.fired, &ticket.fired)) {
-            if let Some(place) = slot.wakers.get_mut(ticket.index) {
-                *place = None;
+        // Not fired, so the slot is there (`fire` marks and removes it under this lock), but it
+        // may be a newer one at the same instant only if ours fired: check it is ours anyway.
+        let Some(slot) = slots.get_mut(&ticket.at).filter(|slot| Arc::ptr_eq(&slot.fired, &ticket.fired)) else {
+            return;
+        };
+        if let Some(place) = slot.wakers.get_mut(ticket.index).filter(|place| place.is_some()) {
+            *place = None;
+            slot.free.push(ticket.index);
+            slot.waiting -= 1;
+        }
+        if slot.waiting == 0 {
+            if let Some(slot) = slots.remove(&ticket.at) {
+                slot.task.abort();
             }
         }
     }
 
     #[cfg(test)]
-    pub fn pending(&self) -> usize {
-        self.lock().values().map(|slot| slot.wakers.iter().flatten().count()).sum()
+    pub fn waiting(&self) -> usize {
+        self.lock().values().map(|slot| slot.waiting).sum()
+    }
+
+    #[cfg(test)]
+    pub fn slots(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Places taken or given up and free, in every slot.
+    #[cfg(test)]
+    pub fn places(&self) -> usize {
+        self.lock().values().map(|slot| slot.wakers.len()).sum()
     }
 }
 
 async fn fire(slots: TimerSlots, at: Instant) {
     tokio::time::sleep_until(at).await;
-    let Some(slot) = slots.lock().remove(&at) else { return };
-    slot.fired.store(true, Ordering::Release);
+    let slot = {
+        let mut map = slots.lock();
+        // A slot whose places were all given up is removed and its task aborted; should the
+        // abort come too late, there is nothing left to wake.
+        let Some(slot) = map.remove(&at) else { return };
+        slot.fired.store(true, Ordering::Release);
+        slot
+    };
     for waker in slot.wakers.into_iter().flatten() {
         waker.wake();
     }
