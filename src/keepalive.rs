@@ -163,7 +163,7 @@ pub struct Keepalive {
 enum Wait {
     /// Look at the legs on the next poll: new, or a due timer was just returned (more may be).
     Look,
-    /// Waiting in the slot of the earliest deadline of both legs.
+    /// Waiting in the slot of the earliest deadline of both legs (the place goes with the ticket).
     Slot(Ticket),
     /// Every timer is off, or a leg was found dead.
     Stopped,
@@ -216,14 +216,6 @@ impl Keepalive {
             None => Wait::Stopped,
         };
         Poll::Pending
-    }
-}
-
-impl Drop for Keepalive {
-    fn drop(&mut self) {
-        if let Wait::Slot(ticket) = &self.wait {
-            self.slots.cancel(ticket);
-        }
     }
 }
 

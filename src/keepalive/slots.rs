@@ -26,12 +26,19 @@ struct Slot {
     /// connections come and go, and keeps only as many places as wait at once.
     wakers: Vec<Option<Waker>>,
     free: Vec<usize>,
-    waiting: usize,
     task: AbortHandle,
 }
 
-/// A connection's place in a slot.
+impl Slot {
+    fn waiting(&self) -> usize {
+        self.wakers.len() - self.free.len()
+    }
+}
+
+/// A connection's place in a slot, given up when dropped before the slot fires: the waker of a
+/// connection that has ended does not keep its task's memory until the slot comes.
 pub struct Ticket {
+    slots: TimerSlots,
     at: Instant,
     index: usize,
     fired: Arc<AtomicBool>,
@@ -60,7 +67,6 @@ impl TimerSlots {
             fired: Arc::default(),
             wakers: Vec::new(),
             free: Vec::new(),
-            waiting: 0,
             task: tokio::spawn(fire(self.clone(), at)).abort_handle(),
         });
         let index = match slot.free.pop() {
@@ -73,38 +79,12 @@ impl TimerSlots {
                 slot.wakers.len() - 1
             }
         };
-        slot.waiting += 1;
-        Ticket { at, index, fired: slot.fired.clone() }
-    }
-
-    /// Gives up a place that has not fired, so that the waker of a connection that has ended
-    /// does not keep its task's memory until the slot comes. The last place to go takes the slot
-    /// and its task with it.
-    pub fn cancel(&self, ticket: &Ticket) {
-        let mut slots = self.lock();
-        if ticket.has_fired() {
-            return;
-        }
-        // Not fired, so the slot is there (`fire` marks and removes it under this lock), but it
-        // may be a newer one at the same instant only if ours fired: check it is ours anyway.
-        let Some(slot) = slots.get_mut(&ticket.at).filter(|slot| Arc::ptr_eq(&slot.fired, &ticket.fired)) else {
-            return;
-        };
-        if let Some(place) = slot.wakers.get_mut(ticket.index).filter(|place| place.is_some()) {
-            *place = None;
-            slot.free.push(ticket.index);
-            slot.waiting -= 1;
-        }
-        if slot.waiting == 0 {
-            if let Some(slot) = slots.remove(&ticket.at) {
-                slot.task.abort();
-            }
-        }
+        Ticket { slots: self.clone(), at, index, fired: slot.fired.clone() }
     }
 
     #[cfg(test)]
     pub fn waiting(&self) -> usize {
-        self.lock().values().map(|slot| slot.waiting).sum()
+        self.lock().values().map(Slot::waiting).sum()
     }
 
     #[cfg(test)]
@@ -116,6 +96,30 @@ impl TimerSlots {
     #[cfg(test)]
     pub fn places(&self) -> usize {
         self.lock().values().map(|slot| slot.wakers.len()).sum()
+    }
+}
+
+impl Drop for Ticket {
+    /// The last place to go takes the slot and its task with it.
+    fn drop(&mut self) {
+        if self.has_fired() {
+            return;
+        }
+        let mut slots = self.slots.lock();
+        // Not fired, so the slot is there (`fire` marks and removes it under this lock), but it
+        // may be a newer one at the same instant only if ours fired: check it is ours anyway.
+        let Some(slot) = slots.get_mut(&self.at).filter(|slot| Arc::ptr_eq(&slot.fired, &self.fired)) else {
+            return;
+        };
+        if let Some(place) = slot.wakers.get_mut(self.index) {
+            *place = None;
+            slot.free.push(self.index);
+        }
+        if slot.waiting() == 0 {
+            if let Some(slot) = slots.remove(&self.at) {
+                slot.task.abort();
+            }
+        }
     }
 }
 

@@ -49,8 +49,9 @@ KEEPALIVE_HOLD=${KEEPALIVE_HOLD:-60}
 OUT=${OUT:-target/bench-compare-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"; OUT=$(realpath "$OUT")
 
-tools="openssl python3 taskset curl timeout"
-[[ " ${SCENARIOS:-5} " == *" 5 "* && " ${PROXIES:-direct} " == *" direct "* ]] && tools+=" cc"
+# Scenario 5's direct run is the kernel floor, a C program built here.
+need_floor=; [[ " $SCENARIOS " == *" 5 "* && " $PROXIES " == *" direct "* ]] && need_floor=1
+tools="openssl python3 taskset curl timeout${need_floor:+ cc}"
 for tool in $tools; do
   command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found" >&2; exit 1; }
 done
@@ -370,7 +371,7 @@ scenario() {
 read -r -a plist <<<"$PROXIES"
 read -r -a slist <<<"$SCENARIOS"
 floor="$OUT/floor"
-if [[ " $SCENARIOS " == *" 5 "* && " $PROXIES " == *" direct "* ]]; then
+if [[ -n $need_floor ]]; then
   cc -O2 -o "$floor" tests/bench/floor.c || { echo "compare.sh: cannot build tests/bench/floor.c (cc)" >&2; exit 1; }
 fi
 : >"$OUT/results.tsv"
