@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::metrics::Side;
+use crate::vocab::Side;
 
 /// Per-leg counters of one connection. Messages and bytes count what was read from this leg.
 #[derive(Debug, Default)]

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::metrics::Side;
+use crate::vocab::Side;
 
 mod slots;
 use slots::Ticket;

@@ -11,21 +11,18 @@
 //! - `shutdown`: drain and close phases, signals
 //! - `tls`: certificate loading and hot reload
 //! - `metrics`, `connections`, `admin`, `telemetry`: what operators see
-//! - `client`, `probe`, `legacy`, `demo`, `bench`: the tools around the sidecar
+//! - `vocab`: `Side`, `End`, `UpgradeFailure`, the words every other module shares
+//! - `tools`: what is built around the sidecar (`client`, `probe`, `bench`, `demo`,
+//!   `legacy_upstream`), apart from it
 
 pub mod admin;
-pub mod bench;
-pub mod client;
 pub mod config;
 pub mod connections;
-pub mod demo;
 pub mod frame;
 pub mod jsonping;
 pub mod keepalive;
-pub mod legacy;
 pub mod legstream;
 pub mod metrics;
-pub mod probe;
 pub mod proxy;
 pub mod relay;
 pub mod server;
@@ -33,6 +30,8 @@ pub mod shutdown;
 pub mod size;
 pub mod telemetry;
 pub mod tls;
+pub mod tools;
+pub mod vocab;
 
 pub use config::Config;
 pub use server::Server;

@@ -124,7 +124,7 @@ fn main() -> ExitCode {
 }
 
 fn demo() -> ExitCode {
-    match runtime().block_on(wskeep::demo::run()) {
+    match runtime().block_on(wskeep::tools::demo::run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
@@ -144,9 +144,9 @@ fn probe(args: ProbeArgs) -> ExitCode {
             }
         }
     }
-    let options = wskeep::probe::ProbeOptions {
+    let options = wskeep::tools::probe::ProbeOptions {
         url: args.url,
-        client: wskeep::client::ClientOptions {
+        client: wskeep::tools::client::ClientOptions {
             insecure: args.insecure,
             ca_file: args.cacert,
             headers,
@@ -158,7 +158,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
         duration: args.duration,
         progress: true,
     };
-    match runtime().block_on(wskeep::probe::run(&options)) {
+    match runtime().block_on(wskeep::tools::probe::run(&options)) {
         Ok(report) => {
             print!("{report}");
             if report.completed {
@@ -175,7 +175,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
 }
 
 fn bench(scenario: BenchCommand) -> ExitCode {
-    use wskeep::bench;
+    use wskeep::tools::bench;
     let result = runtime().block_on(async move {
         match scenario {
             BenchCommand::Throughput { url, conns, size, window, duration, binary, insecure } => {
@@ -205,7 +205,7 @@ fn bench(scenario: BenchCommand) -> ExitCode {
 
 fn echo(listen: std::net::SocketAddr) -> ExitCode {
     runtime().block_on(async {
-        match wskeep::bench::echo::start(listen).await {
+        match wskeep::tools::bench::echo::start(listen).await {
             Ok(addr) => {
                 println!("echo upstream listening on {addr}");
                 std::future::pending::<()>().await;

@@ -27,8 +27,9 @@ use crate::frame::{self, Control, ControlFrame, DataFrame, FrameReader, Kind, St
 use crate::jsonping::JsonPingMatcher;
 use crate::keepalive::{self, Due, Keepalive, LegTimers, TimerSlots};
 use crate::legstream::LegStream;
-use crate::metrics::{End, Metrics, Side};
+use crate::metrics::Metrics;
 use crate::shutdown::CLOSE_BOUND;
+use crate::vocab::{End, Side};
 
 /// A leg is read only while neither leg has this much waiting to be written: a peer that
 /// cannot keep up slows down the one that sends.

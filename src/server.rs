@@ -20,11 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connections::Connections;
-use crate::metrics::{Metrics, UpgradeFailure};
+use crate::metrics::Metrics;
 use crate::proxy::{self, ConnMeta, Shared};
 use crate::relay::RelaySettings;
 use crate::shutdown::Drain;
 use crate::tls::{self, CertResolver};
+use crate::vocab::UpgradeFailure;
 
 /// Request heads larger than this get 431 (hyper's read buffer is capped at it).
 pub const MAX_REQUEST_HEAD: usize = 32 * 1024;

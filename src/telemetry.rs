@@ -9,8 +9,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{Log, LogFormat};
 use crate::connections::ConnInfo;
-use crate::metrics::{Side, UpgradeFailure};
 use crate::relay::Outcome;
+use crate::vocab::{Side, UpgradeFailure};
 
 /// Installs the global subscriber; logs go to stderr. Safe to call more than once (tests).
 pub fn init(log: &Log) {

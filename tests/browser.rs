@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use wskeep::legacy::{self, LegacyOptions};
+use wskeep::tools::legacy_upstream::{self, LegacyOptions};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// The legacy upstream's read deadline (the orchestrator's 60 s, scaled).
@@ -216,14 +216,14 @@ impl Drop for Browser {
 /// The legacy upstream, wskeep (TLS) in front of it with this client keepalive, and the
 /// idle-cutting proxy in front of wskeep.
 struct Chain {
-    stats: std::sync::Arc<wskeep::legacy::LegacyStats>,
+    stats: std::sync::Arc<wskeep::tools::legacy_upstream::LegacyStats>,
     sidecar: common::Sidecar,
     proxy: idle_proxy::IdleProxy,
 }
 
 async fn chain(cert: &common::TestCert, client_keepalive: &str) -> Chain {
     let (upstream, stats) =
-        legacy::start(([127, 0, 0, 1], 0).into(), LegacyOptions::with_deadline(DEADLINE)).await.unwrap();
+        legacy_upstream::start(([127, 0, 0, 1], 0).into(), LegacyOptions::with_deadline(DEADLINE)).await.unwrap();
     let sidecar = common::start_sidecar(common::test_config(upstream, Some(cert), client_keepalive)).await;
     let proxy = idle_proxy::start(sidecar.addr, IDLE_CUT).await;
     Chain { stats, sidecar, proxy }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-use wskeep::client::{self, ClientOptions, Connection, Incoming};
+use wskeep::tools::client::{self, ClientOptions, Connection, Incoming};
 
 use common::{Sidecar, TestCert, TestUpstream};
 

@@ -15,9 +15,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use wskeep::client::{ClientOptions, Incoming};
-use wskeep::legacy::{self, LegacyOptions, LegacyStats};
-use wskeep::probe::{self, ProbeOptions, ProbeReport};
+use wskeep::tools::client::{ClientOptions, Incoming};
+use wskeep::tools::legacy_upstream::{self, LegacyOptions, LegacyStats};
+use wskeep::tools::probe::{self, ProbeOptions, ProbeReport};
 
 /// The legacy upstream's read deadline in the deadline tests.
 const DEADLINE: Duration = Duration::from_millis(400);
@@ -91,8 +91,8 @@ fn vm_rss_kib() -> u64 {
 #[tokio::test]
 async fn legacy_deadline_kills_a_json_ping_client_directly_but_not_through_wskeep() {
     let options = LegacyOptions::with_deadline(DEADLINE);
-    let (direct_upstream, direct_stats) = legacy::start(loopback(), options.clone()).await.unwrap();
-    let (relayed_upstream, relayed_stats) = legacy::start(loopback(), options).await.unwrap();
+    let (direct_upstream, direct_stats) = legacy_upstream::start(loopback(), options.clone()).await.unwrap();
+    let (relayed_upstream, relayed_stats) = legacy_upstream::start(loopback(), options).await.unwrap();
     let cert = common::test_cert();
     let sidecar = common::start_sidecar(common::test_config(
         relayed_upstream,
@@ -237,7 +237,7 @@ async fn silent_upstream_is_timed_out_and_the_client_gets_1014() {
     // for, as a protocol violation (1002).
     let options = ClientOptions { ca_file: Some(cert.cert.clone()), ..Default::default() };
     let url = format!("wss://localhost:{}/silent", sidecar.addr.port());
-    let mut client = wskeep::client::connect(&url, &options).await.unwrap();
+    let mut client = wskeep::tools::client::connect(&url, &options).await.unwrap();
     let start = Instant::now();
     let close = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
@@ -286,7 +286,7 @@ async fn slow_client_backpressures_the_upstream_and_times_out() {
         ping_interval: Duration::from_millis(500),
         stream_size: Some(MESSAGE),
     };
-    let (upstream, stats) = legacy::start(loopback(), options).await.unwrap();
+    let (upstream, stats) = legacy_upstream::start(loopback(), options).await.unwrap();
     let sidecar = common::start_sidecar(common::test_config(
         upstream,
         None,
@@ -296,7 +296,8 @@ async fn slow_client_backpressures_the_upstream_and_times_out() {
     .await;
     let rss_before = vm_rss_kib();
     // Handshake, then neither read nor write: the client is a connection that is never polled.
-    let client = wskeep::client::connect(&format!("ws://{}/", sidecar.addr), &ClientOptions::default()).await.unwrap();
+    let client =
+        wskeep::tools::client::connect(&format!("ws://{}/", sidecar.addr), &ClientOptions::default()).await.unwrap();
     let start = Instant::now();
 
     // The socket buffers on loopback fill within milliseconds; from then on nothing moves.
@@ -400,7 +401,7 @@ async fn probe_binary(url: String) -> (ExitStatus, String, String, Duration) {
 #[tokio::test]
 async fn probe_binary_dies_at_the_deadline_directly_and_lasts_through_wskeep() {
     let options = LegacyOptions::with_deadline(Duration::from_secs(1));
-    let (upstream, stats) = legacy::start(loopback(), options).await.unwrap();
+    let (upstream, stats) = legacy_upstream::start(loopback(), options).await.unwrap();
     let sidecar = common::start_sidecar(common::test_config(
         upstream,
         None,

@@ -199,8 +199,8 @@ async fn wait_not_ready(admin: SocketAddr, limit: Duration) -> Duration {
 
 /// The serial number of the certificate a new TLS client is served.
 async fn served_serial(addr: SocketAddr) -> Vec<u8> {
-    let options = wskeep::client::ClientOptions { insecure: true, ..Default::default() };
-    let connector = wskeep::client::tls_connector(&options).unwrap();
+    let options = wskeep::tools::client::ClientOptions { insecure: true, ..Default::default() };
+    let connector = wskeep::tools::client::tls_connector(&options).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let tls = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use common::{Sidecar, TestCert, TestUpstream};
-use wskeep::client::{self, ClientOptions};
+use wskeep::tools::client::{self, ClientOptions};
 
 const LIMIT: Duration = Duration::from_secs(5);
 

@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use wskeep::connections::ConnInfo;
 use wskeep::keepalive::LegTimers;
 use wskeep::legstream::LegStream;
-use wskeep::metrics::{End, Metrics};
+use wskeep::metrics::Metrics;
 use wskeep::relay::{self, RelaySettings};
+use wskeep::vocab::End;
 
 type Ws = WebSocketStream<DuplexStream>;
 
@@ -85,7 +86,7 @@ fn case() -> impl Strategy<Value = Case> {
 /// is a `Client`, the upstream peer a `Server`.
 async fn pipe(capacity: usize, peer_role: Role) -> (Ws, LegStream) {
     let (a, b) = tokio::io::duplex(capacity);
-    let config = wskeep::bench::echo::websocket_config(1 << 20);
+    let config = wskeep::tools::bench::echo::websocket_config(1 << 20);
     let peer = WebSocketStream::from_raw_socket(a, peer_role, Some(config)).await;
     (peer, LegStream::new(b))
 }

@@ -34,7 +34,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use wskeep::client::{self, ClientError, ClientOptions, Connection, Incoming, OP_BINARY, OP_CONTINUATION, OP_TEXT};
+use wskeep::tools::client::{
+    self, ClientError, ClientOptions, Connection, Incoming, OP_BINARY, OP_CONTINUATION, OP_TEXT,
+};
 
 use common::TestUpstream;
 
@@ -234,7 +236,7 @@ async fn stream_connection(tcp: TcpStream, n: u32) -> UpstreamReport {
         conn = req.uri().path().strip_prefix("/stream/").and_then(|c| c.parse().ok()).unwrap_or(u32::MAX);
         Ok(resp)
     };
-    let config = wskeep::bench::echo::websocket_config(1 << 20);
+    let config = wskeep::tools::bench::echo::websocket_config(1 << 20);
     let accepted = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await;
     let mut report = UpstreamReport { conn, received: 0, close: None, error: None };
     let ws = match accepted {
@@ -308,7 +310,7 @@ async fn stream_connection(tcp: TcpStream, n: u32) -> UpstreamReport {
 
 // === a client that streams its messages and checks the upstream's ===
 
-fn queue_message<W: tokio::io::AsyncWrite + Unpin>(writer: &mut client::FrameWriter<W>, conn: u32, seq: u32) {
+fn queue_message<W: tokio::io::AsyncWrite + Unpin>(writer: &mut client::OutgoingFrames<W>, conn: u32, seq: u32) {
     let m = test_message(conn, UP, seq);
     let opcode = if m.text { OP_TEXT } else { OP_BINARY };
     for (first, fin, part) in m.fragments() {
@@ -453,7 +455,7 @@ async fn start_stalled_upstream(
     let (report, report_rx) = oneshot::channel();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let config = wskeep::bench::echo::websocket_config(1 << 20);
+        let config = wskeep::tools::bench::echo::websocket_config(1 << 20);
         let mut ws = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await.unwrap();
         let _ = go_rx.await;
         let mut next = 0u64;
@@ -596,7 +598,7 @@ impl RestartableUpstream {
 
 async fn echo_connection(tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
-    let config = wskeep::bench::echo::websocket_config(1 << 20);
+    let config = wskeep::tools::bench::echo::websocket_config(1 << 20);
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await else { return };
     while let Some(Ok(msg)) = ws.next().await {
         let reply = match msg {

@@ -20,8 +20,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::{headers, text, Body, ConnMeta, Shared};
 use crate::legstream::LegStream;
-use crate::metrics::UpgradeFailure;
 use crate::relay;
+use crate::vocab::UpgradeFailure;
 
 /// Why the upstream leg could not be opened, and what the client is told.
 enum UpstreamFailure {

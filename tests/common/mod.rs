@@ -243,7 +243,7 @@ async fn serve_upstream(tcp: TcpStream, seen: Arc<Mutex<Vec<SeenRequest>>>, clos
         }
         Ok(resp)
     };
-    let config = wskeep::bench::echo::websocket_config(64 << 20);
+    let config = wskeep::tools::bench::echo::websocket_config(64 << 20);
     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await else { return };
     if path == "/silent" {
         std::future::pending::<()>().await;
@@ -332,7 +332,7 @@ pub async fn wss(addr: SocketAddr, cert: &TestCert, path: &str, headers: &[(&str
     for (k, v) in headers {
         request.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
     }
-    let config = wskeep::bench::echo::websocket_config(64 << 20);
+    let config = wskeep::tools::bench::echo::websocket_config(64 << 20);
     let (ws, _) = tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await.unwrap();
     ws
 }

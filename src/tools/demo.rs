@@ -6,16 +6,17 @@
 
 use std::time::Duration;
 
-use crate::client::ClientOptions;
 use crate::config::Config;
-use crate::legacy::{self, LegacyOptions};
-use crate::probe::{self, ProbeOptions, ProbeReport};
+use crate::tools::client::ClientOptions;
+use crate::tools::legacy_upstream::{self, LegacyOptions};
+use crate::tools::probe::{self, ProbeOptions, ProbeReport};
 
 const DEADLINE: Duration = Duration::from_secs(2);
 const RUN_FOR: Duration = Duration::from_secs(10);
 
 pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let (upstream, stats) = legacy::start(([127, 0, 0, 1], 0).into(), LegacyOptions::with_deadline(DEADLINE)).await?;
+    let (upstream, stats) =
+        legacy_upstream::start(([127, 0, 0, 1], 0).into(), LegacyOptions::with_deadline(DEADLINE)).await?;
     let config = Config::from_toml(&format!(
         r#"
         [listen]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::client::{self, ClientError, ClientOptions, Incoming, OP_PONG, OP_TEXT};
+use crate::tools::client::{self, ClientError, ClientOptions, Incoming, OP_PONG, OP_TEXT};
 
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::echo::websocket_config;
+use crate::tools::bench::echo::websocket_config;
 
 #[derive(Debug, Clone)]
 pub struct LegacyOptions {

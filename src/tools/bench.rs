@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::client::{self, ClientOptions, Connection, Incoming, Target, OP_BINARY, OP_PONG, OP_TEXT};
+use crate::tools::client::{self, ClientOptions, Connection, Incoming, Target, OP_BINARY, OP_PONG, OP_TEXT};
 
 #[derive(Debug, Clone)]
 pub struct Common {

@@ -81,8 +81,8 @@ impl Target {
 
 /// An open WebSocket, split so that reading and writing can proceed independently.
 pub struct Connection {
-    pub reader: FrameReader<ReadHalf<Box<dyn Io>>>,
-    pub writer: FrameWriter<WriteHalf<Box<dyn Io>>>,
+    pub reader: IncomingFrames<ReadHalf<Box<dyn Io>>>,
+    pub writer: OutgoingFrames<WriteHalf<Box<dyn Io>>>,
     /// The subprotocol the server chose.
     pub protocol: Option<String>,
 }
@@ -195,8 +195,8 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
     }
     let (read, write) = tokio::io::split(io);
     Ok(Connection {
-        reader: FrameReader { io: read, buf, max_message: 64 << 20, partial: None },
-        writer: FrameWriter { io: write, buf: BytesMut::with_capacity(256) },
+        reader: IncomingFrames { io: read, buf, max_message: 64 << 20, partial: None },
+        writer: OutgoingFrames { io: write, buf: BytesMut::with_capacity(256) },
         protocol,
     })
 }
@@ -290,7 +290,7 @@ pub enum Incoming {
     Close(Option<u16>, String),
 }
 
-pub struct FrameReader<R> {
+pub struct IncomingFrames<R> {
     io: R,
     buf: BytesMut,
     max_message: usize,
@@ -298,7 +298,7 @@ pub struct FrameReader<R> {
     partial: Option<(u8, BytesMut)>,
 }
 
-impl<R: AsyncRead + Unpin> FrameReader<R> {
+impl<R: AsyncRead + Unpin> IncomingFrames<R> {
     /// The next frame; `None` when the connection ended (EOF) between frames.
     pub async fn read_frame(&mut self) -> io::Result<Option<Frame>> {
         loop {
@@ -377,12 +377,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-pub struct FrameWriter<W> {
+pub struct OutgoingFrames<W> {
     io: W,
     buf: BytesMut,
 }
 
-impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+impl<W: AsyncWrite + Unpin> OutgoingFrames<W> {
     /// Appends a masked frame to the write buffer; `flush` sends it.
     pub fn queue(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
         // A load generator's key need not be unpredictable; the relay's are (`frame`).
@@ -424,8 +424,8 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_through_the_codec() {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let mut writer = FrameWriter { io: a, buf: BytesMut::new() };
-        let mut reader = FrameReader { io: b, buf: BytesMut::new(), max_message: 1 << 20, partial: None };
+        let mut writer = OutgoingFrames { io: a, buf: BytesMut::new() };
+        let mut reader = IncomingFrames { io: b, buf: BytesMut::new(), max_message: 1 << 20, partial: None };
         writer.queue(OP_TEXT, false, b"hel");
         writer.queue(OP_PING, true, b"p");
         writer.queue(OP_CONTINUATION, true, b"lo");
