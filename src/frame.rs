@@ -228,6 +228,9 @@ impl FrameReader {
 
     /// Checks a header against the protocol and the limits, and begins its frame.
     fn start(&mut self, head: Head) -> Result<(), Violation> {
+        if let Some(violation) = head.length_violation() {
+            return Err(violation);
+        }
         if head.rsv != 0 {
             return Err(Violation::protocol("reserved bits set without an extension"));
         }
@@ -263,8 +266,6 @@ impl FrameReader {
             (OP_BINARY, None) => (Kind::Binary, true, 0),
             _ => return Err(Violation::protocol("reserved opcode")),
         };
-        // Also refuses a 64-bit length with the high bit set (RFC 6455 §5.2 reserves it): no
-        // limit reaches 2^63.
         let size = so_far.saturating_add(head.len);
         if size > self.max_size {
             return Err(Violation::TOO_BIG);
@@ -284,14 +285,28 @@ pub struct Head {
     pub rsv: u8,
     pub opcode: u8,
     pub len: u64,
+    /// The 7-bit length field as sent: 126 and 127 announce a 16- and a 64-bit length.
+    pub len_field: u8,
     pub mask: Option<[u8; 4]>,
 }
 
 impl Head {
+    /// What is wrong with the length's encoding (RFC 6455 §5.2), if anything: it must use the
+    /// shortest form, and a 64-bit length must have its most significant bit clear.
+    pub fn length_violation(&self) -> Option<Violation> {
+        match self.len_field {
+            127 if self.len >> 63 != 0 => Some(Violation::protocol("64-bit frame length with the top bit set")),
+            127 if self.len <= 0xffff => Some(Violation::protocol("frame length not in its shortest form")),
+            126 if self.len < 126 => Some(Violation::protocol("frame length not in its shortest form")),
+            _ => None,
+        }
+    }
+
     /// The header at the start of `b` and its length; `None` if `b` holds only part of it.
     pub fn parse(b: &[u8]) -> Option<(Head, usize)> {
         let [first, second, ..] = *b else { return None };
-        let (len, mut used) = match second & 0x7f {
+        let len_field = second & 0x7f;
+        let (len, mut used) = match len_field {
             126 => (u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as u64, 4),
             127 => (u64::from_be_bytes(b.get(2..10)?.try_into().ok()?), 10),
             n => (n as u64, 2),
@@ -303,7 +318,7 @@ impl Head {
         } else {
             None
         };
-        let head = Head { fin: first & 0x80 != 0, rsv: first & 0x70, opcode: first & 0x0f, len, mask };
+        let head = Head { fin: first & 0x80 != 0, rsv: first & 0x70, opcode: first & 0x0f, len, len_field, mask };
         Some((head, used))
     }
 }
