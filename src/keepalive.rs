@@ -78,6 +78,12 @@ struct LegState {
     /// When to look at `last_seen` again: never earlier than `last_seen + timeout`.
     idle_check: Option<Instant>,
     last_seen: Instant,
+    /// wskeep is not reading this side (what it sends has nowhere to go): its silence does not
+    /// count against it meanwhile.
+    paused: bool,
+    /// Since when frames queued for this side have waited without the transport taking any:
+    /// a peer that stops reading is dead after `timeout` of this, however much it sends.
+    stalled_since: Option<Instant>,
     /// The last ping sent and when; a pong carrying another payload is not ours.
     outstanding: Option<(u64, Instant)>,
     seq: u64,
@@ -91,6 +97,8 @@ impl LegState {
             timeout: timers.timeout,
             idle_check: (!timers.timeout.is_zero()).then(|| start + timers.timeout),
             last_seen: start,
+            paused: false,
+            stalled_since: None,
             outstanding: None,
             seq: 0,
         }
@@ -99,12 +107,15 @@ impl LegState {
     fn due(&mut self, now: Instant) -> Option<Due> {
         if let Some(check) = self.idle_check {
             if now >= check {
-                let deadline = self.last_seen + self.timeout;
+                let deadline = if self.paused { now + self.timeout } else { self.last_seen + self.timeout };
                 if now >= deadline {
                     return Some(Due::Dead);
                 }
                 self.idle_check = Some(deadline);
             }
+        }
+        if self.stall_deadline().is_some_and(|deadline| now >= deadline) {
+            return Some(Due::Dead);
         }
         if self.ping.as_mut().is_some_and(|p| p.fire(now)) {
             self.seq += 1;
@@ -117,11 +128,13 @@ impl LegState {
         None
     }
 
+    fn stall_deadline(&self) -> Option<Instant> {
+        self.stalled_since.filter(|_| !self.timeout.is_zero()).map(|since| since + self.timeout)
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
-        [self.idle_check, self.ping.as_ref().map(|p| p.next), self.pong.as_ref().map(|p| p.next)]
-            .into_iter()
-            .flatten()
-            .min()
+        let periodic = [self.ping.as_ref().map(|p| p.next), self.pong.as_ref().map(|p| p.next)];
+        [self.idle_check, self.stall_deadline(), periodic[0], periodic[1]].into_iter().flatten().min()
     }
 }
 
@@ -181,6 +194,28 @@ impl Keepalive {
         self.legs[side as usize].last_seen = now;
     }
 
+    /// wskeep stops or resumes reading this side. A side it chose not to read is not judged by
+    /// its silence: on resuming, its idle time starts again from `now`.
+    pub fn set_paused(&mut self, side: Side, paused: bool, now: impl FnOnce() -> Instant) {
+        let leg = &mut self.legs[side as usize];
+        if leg.paused && !paused {
+            leg.last_seen = leg.last_seen.max(now());
+        }
+        leg.paused = paused;
+    }
+
+    /// After a write to this side: `waiting` is whether queued frames are still not taken by
+    /// the transport, `progressed` whether it took any this time. Frames that wait without
+    /// progress for the side's timeout make it dead (its peer stopped reading).
+    pub fn writes(&mut self, side: Side, waiting: bool, progressed: bool, now: impl FnOnce() -> Instant) {
+        let leg = &mut self.legs[side as usize];
+        leg.stalled_since = match (waiting, progressed, leg.stalled_since) {
+            (false, _, _) => None,
+            (true, true, _) | (true, false, None) => Some(now()),
+            (true, false, Some(since)) => Some(since),
+        };
+    }
+
     /// A pong arrived on this side: the round-trip time if it answers our last ping.
     pub fn pong_received(&mut self, side: Side, payload: &[u8], now: Instant) -> Option<Duration> {
         let leg = &mut self.legs[side as usize];
@@ -195,11 +230,14 @@ impl Keepalive {
 
     /// The next timer that is due, one at a time; a leg found dead fires once and the timers stop
     /// (the connection ends there). Between deadlines a call costs one flag load: no clock read.
-    /// Always polled from the same task: the waker given when a wait begins is the one woken.
+    /// A waker that changes between polls replaces the one in the slot.
     pub fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<(Side, Due)> {
-        match &self.wait {
+        match &mut self.wait {
             Wait::Stopped => return Poll::Pending,
-            Wait::Slot(ticket) if !ticket.has_fired() => return Poll::Pending,
+            Wait::Slot(ticket) if !ticket.has_fired() => {
+                ticket.update_waker(cx.waker());
+                return Poll::Pending;
+            }
             Wait::Slot(_) | Wait::Look => {}
         }
         let now = Instant::now();

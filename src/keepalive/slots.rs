@@ -26,7 +26,9 @@ struct Slot {
     /// connections come and go, and keeps only as many places as wait at once.
     wakers: Vec<Option<Waker>>,
     free: Vec<usize>,
-    task: AbortHandle,
+    /// The task that fires the slot; `None` for the moment between the slot's creation and the
+    /// spawn, which happens outside the lock.
+    task: Option<AbortHandle>,
 }
 
 impl Slot {
@@ -42,6 +44,8 @@ pub struct Ticket {
     at: Instant,
     index: usize,
     fired: Arc<AtomicBool>,
+    /// The waker in the ticket's place, to tell cheaply whether a poll brings another one.
+    waker: Waker,
 }
 
 impl Ticket {
@@ -49,37 +53,59 @@ impl Ticket {
     pub fn has_fired(&self) -> bool {
         self.fired.load(Ordering::Acquire)
     }
+
+    /// Makes `waker` the one woken when the slot fires, if it would not wake the same task as
+    /// the one in place (the `Future` contract lets a task's waker change between polls).
+    pub fn update_waker(&mut self, waker: &Waker) {
+        if self.waker.will_wake(waker) {
+            return;
+        }
+        self.waker = waker.clone();
+        let mut slots = self.slots.lock();
+        if let Some(slot) = slots.get_mut(&self.at).filter(|slot| Arc::ptr_eq(&slot.fired, &self.fired)) {
+            slot.wakers[self.index] = Some(waker.clone());
+        }
+    }
 }
 
 impl TimerSlots {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<Instant, Slot>> {
-        // The code under this lock does not panic (`tokio::spawn` aside, and the relay always
-        // runs in a runtime), so a poisoned map is still consistent.
+        // The code under this lock does not panic, so a poisoned map is still consistent.
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes a place in the slot of `at`, to have `waker` woken once `at` has passed. The waker
-    /// is kept until then: call from the task that will poll the ticket, whose waker does not
-    /// change (a tokio task's never does).
+    /// Takes a place in the slot of `at`, to have `waker` woken once `at` has passed (or the
+    /// waker the ticket is given later, `Ticket::update_waker`).
     pub fn join(&self, at: Instant, waker: &Waker) -> Ticket {
-        let mut slots = self.lock();
-        let slot = slots.entry(at).or_insert_with(|| Slot {
-            fired: Arc::default(),
-            wakers: Vec::new(),
-            free: Vec::new(),
-            task: tokio::spawn(fire(self.clone(), at)).abort_handle(),
-        });
-        let index = match slot.free.pop() {
-            Some(index) => {
-                slot.wakers[index] = Some(waker.clone());
-                index
-            }
-            None => {
-                slot.wakers.push(Some(waker.clone()));
-                slot.wakers.len() - 1
-            }
+        let (index, fired, created) = {
+            let mut slots = self.lock();
+            let mut created = false;
+            let slot = slots.entry(at).or_insert_with(|| {
+                created = true;
+                Slot { fired: Arc::default(), wakers: Vec::new(), free: Vec::new(), task: None }
+            });
+            let index = match slot.free.pop() {
+                Some(index) => {
+                    slot.wakers[index] = Some(waker.clone());
+                    index
+                }
+                None => {
+                    slot.wakers.push(Some(waker.clone()));
+                    slot.wakers.len() - 1
+                }
+            };
+            (index, slot.fired.clone(), created)
         };
-        Ticket { slots: self.clone(), at, index, fired: slot.fired.clone() }
+        if created {
+            // Spawned with the lock released (a spawn may run code of the runtime's own), then
+            // recorded so the last place to go can abort it. Our place keeps the slot until
+            // then, unless the task already fired it: then there is nothing to abort.
+            let task = tokio::spawn(fire(self.clone(), at)).abort_handle();
+            if let Some(slot) = self.lock().get_mut(&at).filter(|slot| Arc::ptr_eq(&slot.fired, &fired)) {
+                slot.task = Some(task);
+            }
+        }
+        Ticket { slots: self.clone(), at, index, fired, waker: waker.clone() }
     }
 
     #[cfg(test)]
@@ -116,8 +142,8 @@ impl Drop for Ticket {
             slot.free.push(self.index);
         }
         if slot.waiting() == 0 {
-            if let Some(slot) = slots.remove(&self.at) {
-                slot.task.abort();
+            if let Some(task) = slots.remove(&self.at).and_then(|slot| slot.task) {
+                task.abort();
             }
         }
     }
