@@ -11,6 +11,8 @@
 //! on both legs together, bounded by `CLOSE_BOUND`.
 
 mod ending;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod harness;
 mod outbox;
 mod transcode;
 
