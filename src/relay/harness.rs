@@ -22,11 +22,13 @@ use crate::vocab::Side;
 pub const MAX_MESSAGE: u64 = 4096;
 
 /// One leg's transport: (how many bytes it takes now, what it took, what it has to read).
+type WireState = (usize, Vec<u8>, Vec<u8>);
+
 #[derive(Clone, Default)]
-struct Wire(Arc<Mutex<(usize, Vec<u8>, Vec<u8>)>>);
+struct Wire(Arc<Mutex<WireState>>);
 
 impl Wire {
-    fn state(&self) -> std::sync::MutexGuard<'_, (usize, Vec<u8>, Vec<u8>)> {
+    fn state(&self) -> std::sync::MutexGuard<'_, WireState> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -291,7 +293,8 @@ mod tests {
             let mut script = vec![setup];
             // The upstream's first fragment, the client's JSON ping (its pong must wait for the
             // message's end), a timer ping to the client, a trickle of writes, the last fragment.
-            script.extend([2 * 0 + 1, fragment.len() as u8]);
+            // Op 1: bytes from the upstream (op 0: from the client), then their length.
+            script.extend([1, fragment.len() as u8]);
             script.extend(&fragment);
             script.extend([0, client_ping.len() as u8]);
             script.extend(&client_ping);
