@@ -409,6 +409,61 @@ mod tests {
         assert!(places <= 2, "1,000 connections one after another took {places} places");
     }
 
+    /// A waker that counts its wakes.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_waker_of_the_latest_poll_is_the_one_woken() {
+        let mut k = exact(LegTimers { ping_interval: ms(100), ..OFF }, OFF);
+        let [first, second] = [(); 2].map(|_| std::sync::Arc::new(Counting(Default::default())));
+        let waker = |c: &std::sync::Arc<Counting>| std::task::Waker::from(c.clone());
+        assert!(k.poll_due(&mut Context::from_waker(&waker(&first))).is_pending());
+        // The task is polled with another waker before the slot fires (a task moved between
+        // executors, or a combinator's own waker): that one must be woken.
+        assert!(k.poll_due(&mut Context::from_waker(&waker(&second))).is_pending());
+        tokio::time::sleep(ms(150)).await;
+        let wakes = |c: &std::sync::Arc<Counting>| c.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!((wakes(&first), wakes(&second)), (0, 1));
+        assert!(matches!(
+            k.poll_due(&mut Context::from_waker(&waker(&second))),
+            Poll::Ready((Side::Client, Due::Ping(_)))
+        ));
+    }
+
+    /// A leg wskeep stopped reading is not judged by its silence; writes that wait without
+    /// progress for the timeout are.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_leg_is_not_judged_by_silence_but_a_stalled_one_is() {
+        let mut k = exact(LegTimers { timeout: ms(100), ..OFF }, LegTimers { timeout: ms(100), ..OFF });
+        k.set_paused(Side::Upstream, true, Instant::now);
+        k.saw_frame(Side::Client, Instant::now());
+        k.writes(Side::Client, true, false, Instant::now);
+        tokio::time::sleep(ms(60)).await;
+        // The client's queued bytes move a little: its stall starts again, at 60 ms.
+        k.writes(Side::Client, true, true, Instant::now);
+        tokio::time::sleep(ms(60)).await;
+        // Frames from the client keep its idle timer fed; its writes do not move.
+        k.saw_frame(Side::Client, Instant::now());
+        let started = Instant::now();
+        assert_eq!(next(&mut k).await, (Side::Client, Due::Dead), "the client stalled, the upstream was paused");
+        assert_eq!(Instant::now() - started, ms(40), "100 ms after the last progress of its writes");
+        // Resuming a paused leg restarts its idle time.
+        let mut k = exact(OFF, LegTimers { timeout: ms(100), ..OFF });
+        k.set_paused(Side::Upstream, true, Instant::now);
+        tokio::time::sleep(ms(500)).await;
+        assert!(tokio::time::timeout(Duration::ZERO, next(&mut k)).await.is_err(), "not judged while paused");
+        k.set_paused(Side::Upstream, false, Instant::now);
+        let resumed = Instant::now();
+        assert_eq!(next(&mut k).await, (Side::Upstream, Due::Dead));
+        assert_eq!(Instant::now() - resumed, ms(100));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn disabled_timers_never_fire() {
         let mut off = exact(OFF, OFF);
