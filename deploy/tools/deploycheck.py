@@ -31,7 +31,7 @@ ALERTS_TEST = f"{DEPLOY}/prometheus/alerts_test.yaml"
 DASHBOARD_SERIES = f"{DEPLOY}/prometheus/dashboard_series.yaml"
 DASHBOARD = f"{DEPLOY}/grafana/wskeep-dashboard.json"
 DASHBOARD_QUERIES = f"{DEPLOY}/dashboard_queries.txt"
-OPERATING = f"{DEPLOY}/OPERATING.md"
+RUNBOOKS = "docs/runbooks.md"
 README = "README.md"
 DESIGN = "../shared/DESIGN.md"
 DOCKERFILE = f"{DEPLOY}/Dockerfile"
@@ -42,7 +42,9 @@ DOCKERIGNORE = f"{DEPLOY}/Dockerfile.dockerignore"
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
 CORE_KINDS = {"Deployment", "Service", "ConfigMap"}
 
-RUNBOOK_BASE = "https://github.com/example/wskeep#"
+# Each alert's `runbook` annotation names its section in docs/runbooks.md, a path in this
+# repository (shipped in the .deb too): no URL pretends the docs are hosted somewhere.
+RUNBOOK_PREFIX = f"{RUNBOOKS}#"
 SEVERITIES = {"critical", "warning", "info"}
 
 # The metrics contract (DESIGN.md, "Metrics"): name -> (type, {label: allowed values or None}).
@@ -438,18 +440,31 @@ def markdown_anchors(path):
     return anchors
 
 
-def runbook_doc():
-    """README once it has the "Operating wskeep" section, deploy/OPERATING.md until then."""
-    if os.path.exists(README) and "operating-wskeep" in markdown_anchors(README):
-        return README
-    return OPERATING
+LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def check_doc_links(f):
+    """Links between README.md and docs/*.md point at files and headings that exist."""
+    docs = [README] + sorted(os.path.join("docs", n) for n in os.listdir("docs") if n.endswith(".md"))
+    for doc in docs:
+        with open(doc, encoding="utf-8") as fh:
+            text = re.sub(r"```.*?```", "", fh.read(), flags=re.S)
+        for target in LINK_RE.findall(text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+            if not f.check(os.path.exists(path), f"{doc}: link {target}: no file {path}"):
+                continue
+            if anchor and path.endswith(".md"):
+                f.check(anchor in markdown_anchors(path), f"{doc}: link {target}: {path} has no heading #{anchor}")
 
 
 def cmd_alerts():
     f = Failures("alerts")
     with open(RULES_FILE, encoding="utf-8") as fh:
         groups = yaml.safe_load(fh)["groups"]
-    doc = runbook_doc()
+    doc = RUNBOOKS
     anchors = markdown_anchors(doc)
     alerts = []
     for g in groups:
@@ -463,10 +478,10 @@ def cmd_alerts():
             f.check(re.fullmatch(r"Wskeep[A-Za-z]+", name), f"{where}: alert names start with Wskeep")
             f.check(r.get("labels", {}).get("severity") in SEVERITIES, f"{where}: severity label must be one of {sorted(SEVERITIES)}")
             ann = r.get("annotations", {})
-            for key in ("summary", "description", "runbook_url"):
+            for key in ("summary", "description", "runbook"):
                 f.check(ann.get(key), f"{where}: needs a {key} annotation")
-            expected = RUNBOOK_BASE + "alert-" + name.lower()
-            f.check(ann.get("runbook_url") == expected, f"{where}: runbook_url must be {expected}")
+            expected = RUNBOOK_PREFIX + "alert-" + name.lower()
+            f.check(ann.get("runbook") == expected, f"{where}: runbook must be {expected}")
             f.check("alert-" + name.lower() in anchors, f"{where}: {doc} has no heading 'Alert: {name}' (anchor #alert-{name.lower()})")
             if name == "WskeepDown":
                 f.check(re.search(r'up\{job=~"\.\*wskeep\.\*"\}', r["expr"]), f"{where}: must match up{{job=~\".*wskeep.*\"}}")
@@ -477,7 +492,10 @@ def cmd_alerts():
                 for used in re.findall(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)", text):
                     f.check(used in labels, f"{where}: annotation uses $labels.{used}, which the alert does not have")
     f.check(len(alerts) == len(set(alerts)), "alert names must be unique")
-    f.check("operating-wskeep" in anchors, f"{doc} needs the section 'Operating wskeep'")
+    check_doc_links(f)
+    readme = markdown_anchors(README)
+    for section in ("operating", "metrics-and-alerts", "troubleshooting"):
+        f.check(section in readme, f"{README} needs the section '{section}' that the runbooks link to")
 
     # Unit tests: every alert fires in one test case and stays quiet in another.
     with open(ALERTS_TEST, encoding="utf-8") as fh:
