@@ -4,6 +4,8 @@
 #   prometheus, promtool  tests/metrics.rs (a real Prometheus scraping wskeep) and deploy/check.sh
 #   kosoku (PyPI)         the Autobahn|Testsuite cases, tests/conformance/run.sh
 #   kubernetes-validate   deploy/check.sh
+#   iproute2, iptables,   tests/network_faults.rs: network namespaces, veth pairs, NFQUEUE and
+#   python3, setpriv      its delay-and-loss script tests/network_faults/netem.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -14,4 +16,9 @@ if ! command -v chromium >/dev/null; then
   apt-get install -y -q --no-install-recommends chromium
 fi
 bash tests/conformance/install.sh >/dev/null
-command -v chromium promtool prometheus
+if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v python3 >/dev/null \
+  || ! command -v setpriv >/dev/null; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends iproute2 iptables python3 util-linux
+fi
+command -v chromium promtool prometheus ip iptables python3 setpriv
