@@ -244,8 +244,9 @@ fn messages(wire: &[u8], side: Side, max: u64, output: bool) -> Messages {
                 // The relay forwards a text frame once the message so far is valid UTF-8 (an
                 // incomplete last character may still be finished by the next frame).
                 if !output && frame.kind == Kind::Text && !utf8_prefix_ok(&message, frame.fin) {
+                    // Its earlier frames (if it had any) were forwarded.
                     message.truncate(before);
-                    found.partial = (!message.is_empty()).then_some(message);
+                    found.partial = (!frame.first).then_some(message);
                     break;
                 }
                 if frame.fin {
