@@ -14,8 +14,10 @@
 #     its list of queries) and runs every query with promtool against the series of a wskeep that
 #     served traffic: each must return data;
 #   - checks deploy/Dockerfile with Docker's own parser;
-#   - runs `wskeep check` on deploy/kubernetes/wskeep.toml when a built wskeep is found
-#     (WSKEEP_BIN=path to choose one, WSKEEP_BIN=skip to skip).
+#   - checks the systemd unit's hardening, timings and limits against the VM configuration;
+#   - runs `wskeep check` on deploy/kubernetes/wskeep.toml and deploy/debian/wskeep.toml when a
+#     built wskeep is found (WSKEEP_BIN=path to choose one, WSKEEP_BIN=skip to skip).
+# The .deb itself is built, installed and checked by deploy/vm-check.sh (root; .ci/run runs it).
 #
 # Exits non-zero on the first failing step, saying what failed.
 set -euo pipefail
@@ -70,6 +72,9 @@ promtool check rules "$tmp/dashboard_rules.yaml"
 step "deploy/Dockerfile"
 "$PYTHON" deploy/tools/deploycheck.py dockerfile
 
+step "deploy/systemd/wskeep.service against deploy/debian/wskeep.toml (deploy/vm-check.sh installs the .deb)"
+"$PYTHON" deploy/tools/deploycheck.py unit deploy/systemd/wskeep.service
+
 bin=${WSKEEP_BIN:-}
 if [[ -z $bin ]]; then
   for candidate in target/release/wskeep target/debug/wskeep; do
@@ -84,6 +89,9 @@ if [[ -n $bin && $bin != skip ]]; then
   WSKEEP_LISTEN__TLS_CERT="$tmp/tls.crt" WSKEEP_LISTEN__TLS_KEY="$tmp/tls.key" \
     "$bin" check --config deploy/kubernetes/wskeep.toml > "$tmp/check.out" 2>&1 \
     || { cat "$tmp/check.out" >&2; fail "wskeep check rejects deploy/kubernetes/wskeep.toml"; }
+  step "$bin check --config deploy/debian/wskeep.toml (the .deb's /etc/wskeep/wskeep.toml)"
+  "$bin" check --config deploy/debian/wskeep.toml > "$tmp/check.out" 2>&1 \
+    || { cat "$tmp/check.out" >&2; fail "wskeep check rejects deploy/debian/wskeep.toml"; }
 else
   step "no built wskeep found: skipping wskeep check of deploy/kubernetes/wskeep.toml"
 fi

@@ -11,6 +11,9 @@ Subcommands (paths are relative to the repository root, the current directory):
                              OUTDIR/dashboard_rules.yaml + OUTDIR/dashboard_test.yaml for promtool
   dockerfile                 deploy/Dockerfile parses (Docker's own parser) and builds what the
                              manifests run
+  unit UNIT [CONFIG]         the systemd unit's hardening and the timings and limits it must
+                             agree with: CONFIG is `wskeep check`'s effective configuration
+                             (default: deploy/debian/wskeep.toml over the defaults)
   rules-file                 print deploy/prometheus/wskeep.rules.yaml as it should be
   dashboard-queries          print deploy/dashboard_queries.txt as it should be
 """
@@ -35,6 +38,8 @@ RUNBOOKS = "docs/runbooks.md"
 README = "README.md"
 DESIGN = "../shared/DESIGN.md"
 DOCKERFILE = f"{DEPLOY}/Dockerfile"
+SYSTEMD_UNIT = f"{DEPLOY}/systemd/wskeep.service"
+VM_CONFIG = f"{DEPLOY}/debian/wskeep.toml"
 DOCKERIGNORE = f"{DEPLOY}/Dockerfile.dockerignore"
 
 # Kubernetes versions the core objects must validate against: native sidecars (an init container
@@ -675,6 +680,81 @@ def cmd_dockerfile():
     return f.finish()
 
 
+# --- systemd unit ------------------------------------------------------------------------------
+
+FD_HEADROOM = 64  # what `wskeep check` adds to two descriptors per connection
+
+
+def unit_directives(path):
+    """A unit file as {section: {key: [values]}} (keys repeat; comments and blank lines skipped)."""
+    sections, current = {}, None
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                current = sections.setdefault(line[1:-1], {})
+                continue
+            key, _, value = line.partition("=")
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def systemd_seconds(value):
+    """TimeoutStopSec and friends: a bare number is seconds, else a systemd time span."""
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    units = {"ms": 0.001, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|sec|s|min|m|h)\b", value)
+    if not parts:
+        raise ValueError(f"not a time span: {value!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def cmd_unit(unit_path, config_path=None):
+    f = Failures(f"systemd unit {unit_path}")
+    units = unit_directives(unit_path)
+    svc = units.get("Service", {})
+
+    def one(key):
+        values = svc.get(key) or [None]
+        return values[-1]
+
+    with open(config_path or VM_CONFIG, "rb") as fh:
+        cfg = tomllib.load(fh)
+    drain = seconds(cfg.get("shutdown", {}).get("drain_timeout", "25s"))
+    max_conns = cfg.get("listen", {}).get("max_connections", 10000)
+
+    f.check(one("User") == "wskeep" and one("Group") == "wskeep", "the service must run as user and group wskeep")
+    f.check(one("ExecStart") == "/usr/bin/wskeep run --config /etc/wskeep/wskeep.toml",
+            "ExecStart must be /usr/bin/wskeep run --config /etc/wskeep/wskeep.toml")
+    f.check(one("ExecReload") == "/bin/kill -HUP $MAINPID", "ExecReload must be /bin/kill -HUP $MAINPID (SIGHUP reloads)")
+    f.check(one("KillSignal") in (None, "SIGTERM"), "KillSignal must be SIGTERM (it starts the drain)")
+    f.check(one("Restart") == "on-failure", "Restart must be on-failure")
+    try:
+        stop = systemd_seconds(one("TimeoutStopSec") or "90")
+        f.check(stop > drain + CLOSE_BOUND_SECONDS,
+                f"TimeoutStopSec ({stop:g}s) must exceed shutdown.drain_timeout ({drain:g}s) + the "
+                f"{CLOSE_BOUND_SECONDS}s close bound, or a stop kills connections before their 1001")
+    except ValueError as e:
+        f.check(False, f"TimeoutStopSec: {e}")
+    nofile = one("LimitNOFILE") or "0"
+    limit = int(nofile.split(":")[-1]) if nofile.split(":")[-1].isdigit() else 0
+    f.check(limit >= 2 * max_conns + FD_HEADROOM,
+            f"LimitNOFILE ({nofile}) must hold two descriptors per connection for listen.max_connections "
+            f"({max_conns}) plus {FD_HEADROOM}")
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("PrivateTmp", "yes"),
+                       ("ProtectHome", "yes"), ("PrivateDevices", "yes")):
+        f.check(one(key) == value, f"{key} must be {value}")
+    caps = one("CapabilityBoundingSet")
+    f.check(caps is not None and set(caps.split()) <= {"CAP_NET_BIND_SERVICE"},
+            "CapabilityBoundingSet must be empty (or only CAP_NET_BIND_SERVICE, to bind below 1024)")
+    f.check(units.get("Install", {}).get("WantedBy") == ["multi-user.target"], "WantedBy must be multi-user.target")
+    return f.finish()
+
+
 def check_design():
     """The metric names used here must still be in DESIGN.md's table, when it is at hand."""
     if not os.path.exists(DESIGN):
@@ -704,6 +784,8 @@ def main(argv):
         return cmd_dashboard(*args)
     if cmd == "dockerfile" and not args:
         return cmd_dockerfile()
+    if cmd == "unit" and len(args) in (1, 2):
+        return cmd_unit(*args)
     if cmd == "rules-file" and not args:
         sys.stdout.write(rules_file_text())
         return 0
