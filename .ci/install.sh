@@ -4,6 +4,7 @@
 #   prometheus, promtool  tests/metrics.rs (a real Prometheus scraping wskeep) and deploy/check.sh
 #   kosoku (PyPI)         the Autobahn|Testsuite cases, tests/conformance/run.sh
 #   kubernetes-validate   deploy/check.sh
+#   kubectl (PyPI)        deploy/check.sh renders deploy/kubernetes with `kubectl kustomize`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive

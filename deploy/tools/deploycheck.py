@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
-"""The checks behind deploy/check.sh (run that; it also runs promtool and the renderers).
+"""The checks behind deploy/check.sh (run that; it also runs promtool and `kubectl kustomize`).
 
 Subcommands (paths are relative to the repository root, the current directory):
-  compare A.yaml B.yaml      the two renderings hold the same objects
   manifests RENDERED OUTDIR  schemas (kubernetes-validate) and the wiring the product relies on;
                              writes OUTDIR/wskeep.rules.yaml from the PrometheusRule
   alerts                     labels, annotations, runbook anchors, one firing and one quiet
@@ -136,10 +135,6 @@ def dump_yaml(obj, path):
         yaml.safe_dump(obj, f, sort_keys=False, default_flow_style=False, width=1000)
 
 
-def by_kind_name(docs):
-    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
-
-
 def seconds(duration):
     """A humantime duration string as wskeep's config uses ("25s", "1m30s", "250ms")."""
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -151,17 +146,6 @@ def seconds(duration):
 
 def port_of(addr):
     return int(addr.rsplit(":", 1)[1])
-
-
-# --- compare -------------------------------------------------------------------------------
-
-def cmd_compare(a_path, b_path):
-    f = Failures(f"{a_path} and {b_path} differ")
-    a, b = by_kind_name(load_yaml_docs(a_path)), by_kind_name(load_yaml_docs(b_path))
-    for key in sorted(set(a) | set(b)):
-        if f.check(key in a and key in b, f"{key[0]}/{key[1]} only in {a_path if key in a else b_path}"):
-            f.check(a[key] == b[key], f"{key[0]}/{key[1]} differs")
-    return f.finish()
 
 
 # --- manifests -------------------------------------------------------------------------------
@@ -214,7 +198,10 @@ def cmd_manifests(rendered, outdir):
     pod = dep["spec"]["template"]["spec"]
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
 
-    # Configuration.
+    # Configuration: a generated ConfigMap whose name carries a hash of its content, so that a
+    # changed wskeep.toml rolls the pods.
+    f.check(re.fullmatch(r"wskeep-config-[a-z0-9]{10}", cm["metadata"]["name"]),
+            f"ConfigMap {cm['metadata']['name']}: expected the generated wskeep-config-<hash>")
     toml_text = cm.get("data", {}).get("wskeep.toml")
     f.check(toml_text is not None, f"ConfigMap {cm['metadata']['name']} has no wskeep.toml")
     try:
@@ -774,8 +761,6 @@ def main(argv):
         sys.stderr.write(__doc__)
         return 2
     cmd, args = argv[1], argv[2:]
-    if cmd == "compare" and len(args) == 2:
-        return cmd_compare(*args)
     if cmd == "manifests" and len(args) == 2:
         return cmd_manifests(*args)
     if cmd == "alerts" and not args:
