@@ -13,6 +13,7 @@
 #   - checks the Grafana dashboard (JSON, every panel has a query, deploy/dashboard_queries.txt is
 #     its list of queries) and runs every query with promtool against the series of a wskeep that
 #     served traffic: each must return data;
+#   - checks that no example domain poses as a real link or image anywhere operators look;
 #   - checks deploy/Dockerfile with Docker's own parser;
 #   - checks the systemd unit's hardening, timings and limits against the VM configuration;
 #   - runs `wskeep check` on deploy/kubernetes/wskeep.toml and deploy/debian/wskeep.toml when a
@@ -63,6 +64,9 @@ step "Grafana dashboard and deploy/dashboard_queries.txt"
 "$PYTHON" deploy/tools/deploycheck.py dashboard "$tmp"
 promtool check rules "$tmp/dashboard_rules.yaml"
 (cd "$tmp" && promtool test rules dashboard_test.yaml)
+
+step "no placeholder domains (deploy/, config/, docs/, README.md, Cargo.toml)"
+"$PYTHON" deploy/tools/deploycheck.py placeholders
 
 step "deploy/Dockerfile"
 "$PYTHON" deploy/tools/deploycheck.py dockerfile

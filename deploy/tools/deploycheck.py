@@ -13,6 +13,8 @@ Subcommands (paths are relative to the repository root, the current directory):
   unit UNIT [CONFIG]         the systemd unit's hardening and the timings and limits it must
                              agree with: CONFIG is `wskeep check`'s effective configuration
                              (default: deploy/debian/wskeep.toml over the defaults)
+  placeholders               no example domain in what operators apply or read (deploy/,
+                             config/, docs/, README.md, Cargo.toml)
   rules-file                 print deploy/prometheus/wskeep.rules.yaml as it should be
   dashboard-queries          print deploy/dashboard_queries.txt as it should be
 """
@@ -44,7 +46,7 @@ DOCKERIGNORE = f"{DEPLOY}/Dockerfile.dockerignore"
 # Kubernetes versions the core objects must validate against: native sidecars (an init container
 # with restartPolicy: Always) are on by default from 1.29.
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
-CORE_KINDS = {"Deployment", "Service", "ConfigMap"}
+CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"}
 
 # Each alert's `runbook` annotation names its section in docs/runbooks.md, a path in this
 # repository (shipped in the .deb too): no URL pretends the docs are hosted somewhere.
@@ -184,7 +186,7 @@ def cmd_manifests(rendered, outdir):
                 f.check(False, f"{d['kind']}/{d['metadata']['name']} (Kubernetes {version}): {path}: {e.message}")
             except Exception as e:  # SchemaNotFoundError and friends carry .message
                 f.check(False, f"{d['kind']}/{d['metadata']['name']} (Kubernetes {version}): {getattr(e, 'message', e)}")
-    for kind in ("Deployment", "Service", "ConfigMap", "PodMonitor", "PrometheusRule"):
+    for kind in ("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "PodMonitor", "PrometheusRule"):
         f.check(len(kinds.get(kind, [])) == 1, f"expected exactly one {kind}, found {len(kinds.get(kind, []))}")
     f.check(not kinds.get("Secret"), "no Secret belongs in deploy/kubernetes (wskeep-tls is created by the operator)")
     if f.items:
@@ -193,6 +195,7 @@ def cmd_manifests(rendered, outdir):
     dep = kinds["Deployment"][0]
     svc = kinds["Service"][0]
     cm = kinds["ConfigMap"][0]
+    pdb = kinds["PodDisruptionBudget"][0]
     pm = kinds["PodMonitor"][0]
     pr = kinds["PrometheusRule"][0]
     pod = dep["spec"]["template"]["spec"]
@@ -309,6 +312,17 @@ def cmd_manifests(rendered, outdir):
     f.check([(p["port"], p.get("targetPort")) for p in ports] == [(443, listen_port)],
             f"the Service must expose exactly 443 -> {listen_port}")
     f.check(all(p.get("targetPort") not in (admin_port, "admin") for p in ports), "the admin port must not be in the Service")
+
+    # PodDisruptionBudget: covers these pods, and lets a node drain evict one at a time.
+    psel = pdb["spec"].get("selector", {}).get("matchLabels", {})
+    f.check(psel and all(pod_labels.get(k) == v for k, v in psel.items()), "the PodDisruptionBudget's selector must match the pod")
+    replicas = dep["spec"].get("replicas", 1)
+    budget = pdb["spec"]
+    if "maxUnavailable" in budget:
+        f.check(budget["maxUnavailable"] not in (0, "0%"), "the PodDisruptionBudget must allow one eviction (maxUnavailable > 0)")
+    else:
+        f.check(isinstance(budget.get("minAvailable"), int) and budget["minAvailable"] < replicas,
+                f"the PodDisruptionBudget's minAvailable must stay below replicas ({replicas}), or no node can drain")
 
     # PodMonitor: the admin port by name, /metrics.
     msel = pm["spec"].get("selector", {}).get("matchLabels", {})
@@ -516,15 +530,28 @@ def dashboard_targets(dash):
             yield from ((inner, t) for t in inner.get("targets", []))
 
 
+# The dashboard's selectors, each on every wskeep and process series a query reads: on a VM the
+# series have no namespace or pod label, and "All" (.*) still matches them.
+DASHBOARD_VARIABLES = ["namespace", "job", "pod", "instance"]
+
+
 def plain_query(expr):
     """A dashboard query as the Rust test runs it: variables gone, $__rate_interval = 1m."""
     q = expr.replace("$__rate_interval", "1m")
-    q = re.sub(r'\s*\b(job|instance)=~"\$(job|instance)"\s*,?', "", q)
+    q = re.sub(r'\s*\b(namespace|job|pod|instance)=~"\$(namespace|job|pod|instance)"\s*,?', "", q)
     q = re.sub(r",\s*\}", "}", q)
     q = re.sub(r"\{\s+", "{", q)
     q = q.replace("{}", "")
     q = re.sub(r"\s+", " ", q).strip()
     return q
+
+
+def all_query(expr):
+    """A dashboard query as Grafana sends it with every variable at All."""
+    q = expr.replace("$__rate_interval", "1m")
+    for var in DASHBOARD_VARIABLES:
+        q = q.replace(f"${var}", ".*")
+    return re.sub(r"\s+", " ", q).strip()
 
 
 def dashboard_queries(dash):
@@ -547,6 +574,17 @@ def cmd_dashboard(outdir):
     f.check(isinstance(dash.get("schemaVersion"), int) and dash["schemaVersion"] >= 36, "schemaVersion must be 36 or newer")
     f.check(dash.get("uid") and dash.get("title"), "the dashboard needs a uid and a title")
     variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    for i, name in enumerate(DASHBOARD_VARIABLES):
+        v = variables.get(name, {})
+        if not f.check(v.get("type") == "query", f"templating needs a query variable `{name}`"):
+            continue
+        f.check(v.get("includeAll") and v.get("allValue") == ".*" and v.get("multi"),
+                f"variable `{name}`: multi-value, with All as .* (series without the label still match)")
+        query = v.get("definition", "")
+        f.check(re.fullmatch(rf"label_values\(wskeep_build_info(\{{.*\}})?, {name}\)", query),
+                f"variable `{name}`: label_values(wskeep_build_info{{...}}, {name})")
+        for earlier in DASHBOARD_VARIABLES[:i]:
+            f.check(f'{earlier}=~"${earlier}"' in query, f"variable `{name}` must be narrowed by ${earlier}")
     ds = variables.get("datasource", {})
     f.check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
             "templating needs a variable `datasource` of type datasource, query prometheus")
@@ -568,8 +606,11 @@ def cmd_dashboard(outdir):
             f.check(t.get("datasource", {}).get("uid", "${datasource}") == "${datasource}",
                     f"{where}: target {t.get('refId')} must use ${{datasource}}")
             expr = t.get("expr", "")
-            leftover = set(re.findall(r"\$\{?(\w+)", expr)) - {"__rate_interval", "job", "instance"}
+            leftover = set(re.findall(r"\$\{?(\w+)", expr)) - {"__rate_interval", *DASHBOARD_VARIABLES}
             f.check(not leftover, f"{where}: unknown variables {sorted(leftover)}")
+            for name, body in SELECTOR_RE.findall(expr):
+                missing = [v for v in DASHBOARD_VARIABLES if f'{v}=~"${v}"' not in body]
+                f.check(not (base_metric(name) and missing), f"{where}: {name} is not narrowed by {missing}")
             legend_labels = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
             labels = check_promql(f, where, expr)
             m = re.match(r"\s*(sum|count|min|max|avg)\s+by\s*\(([^)]*)\)", expr)
@@ -580,6 +621,7 @@ def cmd_dashboard(outdir):
             f.check(legend_labels <= labels, f"{where}: legend uses {sorted(legend_labels - labels)}, not in the result")
 
     queries = dashboard_queries(dash)
+    all_queries = list(dict.fromkeys(all_query(t.get("expr", "")) for _, t in dashboard_targets(dash)))
     for q in queries:
         f.check("$" not in q, f"query still has a variable after substitution: {q}")
     with open(DASHBOARD_QUERIES, encoding="utf-8") as fh:
@@ -601,10 +643,12 @@ def cmd_dashboard(outdir):
         "tests": [{
             "interval": series["interval"],
             "input_series": series["input_series"],
+            # Each query returns data as the Rust test runs it (no variables) and as Grafana sends
+            # it with every variable at All (the series, like a VM's, have no namespace or pod).
             "promql_expr_test": [
                 {"expr": f"count(({q}) == ({q})) > bool 0", "eval_time": series["eval_time"],
                  "exp_samples": [{"labels": "{}", "value": 1}]}
-                for q in queries],
+                for q in queries + all_queries],
         }],
     }
     dump_yaml(test, os.path.join(outdir, "dashboard_test.yaml"))
@@ -742,6 +786,29 @@ def cmd_unit(unit_path, config_path=None):
     return f.finish()
 
 
+# --- placeholders ----------------------------------------------------------------------------
+
+PLACEHOLDER_RE = re.compile(r"\bexample\.(com|org|net)\b|github\.com/example\b|\b[\w-]+\.example\b", re.I)
+
+
+def cmd_placeholders():
+    """A link or image that looks real but leads nowhere is worse than none."""
+    f = Failures("placeholder domains")
+    paths = [README, "Cargo.toml"]
+    for top in (DEPLOY, "config", "docs"):
+        for root, _, names in os.walk(top):
+            paths += [os.path.join(root, n) for n in names]
+    for path in sorted(paths):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for number, line in enumerate(fh, 1):
+                    for m in PLACEHOLDER_RE.finditer(line):
+                        f.check(False, f"{path}:{number}: {m.group(0)}")
+        except UnicodeDecodeError:
+            continue
+    return f.finish()
+
+
 def check_design():
     """The metric names used here must still be in DESIGN.md's table, when it is at hand."""
     if not os.path.exists(DESIGN):
@@ -771,6 +838,8 @@ def main(argv):
         return cmd_dockerfile()
     if cmd == "unit" and len(args) in (1, 2):
         return cmd_unit(*args)
+    if cmd == "placeholders" and not args:
+        return cmd_placeholders()
     if cmd == "rules-file" and not args:
         sys.stdout.write(rules_file_text())
         return 0
