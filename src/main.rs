@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use wskeep::config::{Config, CONFIG_ENV};
+
+mod generate;
 
 #[derive(Parser)]
 #[command(name = "wskeep", version, about = "WebSocket keepalive sidecar")]
@@ -112,6 +114,11 @@ fn config_path(cli: &Cli) -> Option<PathBuf> {
 }
 
 fn main() -> ExitCode {
+    // `wskeep generate ...` (packaging) stays outside `Cli`, so that neither the help, the man
+    // pages nor the completions it writes offer it.
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == "generate") {
+        return generate::main(Cli::command());
+    }
     let cli = Cli::parse();
     match cli.command {
         None | Some(Command::Run) => run(config_path(&cli)),

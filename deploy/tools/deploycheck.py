@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
-"""The checks behind deploy/check.sh (run that; it also runs promtool and the renderers).
+"""The checks behind deploy/check.sh (run that; it also runs promtool and `kubectl kustomize`).
 
 Subcommands (paths are relative to the repository root, the current directory):
-  compare A.yaml B.yaml      the two renderings hold the same objects
   manifests RENDERED OUTDIR  schemas (kubernetes-validate) and the wiring the product relies on;
                              writes OUTDIR/wskeep.rules.yaml from the PrometheusRule
   alerts                     labels, annotations, runbook anchors, one firing and one quiet
@@ -11,6 +10,11 @@ Subcommands (paths are relative to the repository root, the current directory):
                              OUTDIR/dashboard_rules.yaml + OUTDIR/dashboard_test.yaml for promtool
   dockerfile                 deploy/Dockerfile parses (Docker's own parser) and builds what the
                              manifests run
+  unit UNIT [CONFIG]         the systemd unit's hardening and the timings and limits it must
+                             agree with: CONFIG is `wskeep check`'s effective configuration
+                             (default: deploy/debian/wskeep.toml over the defaults)
+  placeholders               no example domain in what operators apply or read (deploy/,
+                             config/, docs/, README.md, Cargo.toml)
   rules-file                 print deploy/prometheus/wskeep.rules.yaml as it should be
   dashboard-queries          print deploy/dashboard_queries.txt as it should be
 """
@@ -35,12 +39,14 @@ RUNBOOKS = "docs/runbooks.md"
 README = "README.md"
 DESIGN = "../shared/DESIGN.md"
 DOCKERFILE = f"{DEPLOY}/Dockerfile"
+SYSTEMD_UNIT = f"{DEPLOY}/systemd/wskeep.service"
+VM_CONFIG = f"{DEPLOY}/debian/wskeep.toml"
 DOCKERIGNORE = f"{DEPLOY}/Dockerfile.dockerignore"
 
 # Kubernetes versions the core objects must validate against: native sidecars (an init container
 # with restartPolicy: Always) are on by default from 1.29.
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
-CORE_KINDS = {"Deployment", "Service", "ConfigMap"}
+CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"}
 
 # Each alert's `runbook` annotation names its section in docs/runbooks.md, a path in this
 # repository (shipped in the .deb too): no URL pretends the docs are hosted somewhere.
@@ -131,10 +137,6 @@ def dump_yaml(obj, path):
         yaml.safe_dump(obj, f, sort_keys=False, default_flow_style=False, width=1000)
 
 
-def by_kind_name(docs):
-    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
-
-
 def seconds(duration):
     """A humantime duration string as wskeep's config uses ("25s", "1m30s", "250ms")."""
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -146,17 +148,6 @@ def seconds(duration):
 
 def port_of(addr):
     return int(addr.rsplit(":", 1)[1])
-
-
-# --- compare -------------------------------------------------------------------------------
-
-def cmd_compare(a_path, b_path):
-    f = Failures(f"{a_path} and {b_path} differ")
-    a, b = by_kind_name(load_yaml_docs(a_path)), by_kind_name(load_yaml_docs(b_path))
-    for key in sorted(set(a) | set(b)):
-        if f.check(key in a and key in b, f"{key[0]}/{key[1]} only in {a_path if key in a else b_path}"):
-            f.check(a[key] == b[key], f"{key[0]}/{key[1]} differs")
-    return f.finish()
 
 
 # --- manifests -------------------------------------------------------------------------------
@@ -195,7 +186,7 @@ def cmd_manifests(rendered, outdir):
                 f.check(False, f"{d['kind']}/{d['metadata']['name']} (Kubernetes {version}): {path}: {e.message}")
             except Exception as e:  # SchemaNotFoundError and friends carry .message
                 f.check(False, f"{d['kind']}/{d['metadata']['name']} (Kubernetes {version}): {getattr(e, 'message', e)}")
-    for kind in ("Deployment", "Service", "ConfigMap", "PodMonitor", "PrometheusRule"):
+    for kind in ("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "PodMonitor", "PrometheusRule"):
         f.check(len(kinds.get(kind, [])) == 1, f"expected exactly one {kind}, found {len(kinds.get(kind, []))}")
     f.check(not kinds.get("Secret"), "no Secret belongs in deploy/kubernetes (wskeep-tls is created by the operator)")
     if f.items:
@@ -204,12 +195,16 @@ def cmd_manifests(rendered, outdir):
     dep = kinds["Deployment"][0]
     svc = kinds["Service"][0]
     cm = kinds["ConfigMap"][0]
+    pdb = kinds["PodDisruptionBudget"][0]
     pm = kinds["PodMonitor"][0]
     pr = kinds["PrometheusRule"][0]
     pod = dep["spec"]["template"]["spec"]
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
 
-    # Configuration.
+    # Configuration: a generated ConfigMap whose name carries a hash of its content, so that a
+    # changed wskeep.toml rolls the pods.
+    f.check(re.fullmatch(r"wskeep-config-[a-z0-9]{10}", cm["metadata"]["name"]),
+            f"ConfigMap {cm['metadata']['name']}: expected the generated wskeep-config-<hash>")
     toml_text = cm.get("data", {}).get("wskeep.toml")
     f.check(toml_text is not None, f"ConfigMap {cm['metadata']['name']} has no wskeep.toml")
     try:
@@ -317,6 +312,17 @@ def cmd_manifests(rendered, outdir):
     f.check([(p["port"], p.get("targetPort")) for p in ports] == [(443, listen_port)],
             f"the Service must expose exactly 443 -> {listen_port}")
     f.check(all(p.get("targetPort") not in (admin_port, "admin") for p in ports), "the admin port must not be in the Service")
+
+    # PodDisruptionBudget: covers these pods, and lets a node drain evict one at a time.
+    psel = pdb["spec"].get("selector", {}).get("matchLabels", {})
+    f.check(psel and all(pod_labels.get(k) == v for k, v in psel.items()), "the PodDisruptionBudget's selector must match the pod")
+    replicas = dep["spec"].get("replicas", 1)
+    budget = pdb["spec"]
+    if "maxUnavailable" in budget:
+        f.check(budget["maxUnavailable"] not in (0, "0%"), "the PodDisruptionBudget must allow one eviction (maxUnavailable > 0)")
+    else:
+        f.check(isinstance(budget.get("minAvailable"), int) and budget["minAvailable"] < replicas,
+                f"the PodDisruptionBudget's minAvailable must stay below replicas ({replicas}), or no node can drain")
 
     # PodMonitor: the admin port by name, /metrics.
     msel = pm["spec"].get("selector", {}).get("matchLabels", {})
@@ -524,15 +530,28 @@ def dashboard_targets(dash):
             yield from ((inner, t) for t in inner.get("targets", []))
 
 
+# The dashboard's selectors, each on every wskeep and process series a query reads: on a VM the
+# series have no namespace or pod label, and "All" (.*) still matches them.
+DASHBOARD_VARIABLES = ["namespace", "job", "pod", "instance"]
+
+
 def plain_query(expr):
     """A dashboard query as the Rust test runs it: variables gone, $__rate_interval = 1m."""
     q = expr.replace("$__rate_interval", "1m")
-    q = re.sub(r'\s*\b(job|instance)=~"\$(job|instance)"\s*,?', "", q)
+    q = re.sub(r'\s*\b(namespace|job|pod|instance)=~"\$(namespace|job|pod|instance)"\s*,?', "", q)
     q = re.sub(r",\s*\}", "}", q)
     q = re.sub(r"\{\s+", "{", q)
     q = q.replace("{}", "")
     q = re.sub(r"\s+", " ", q).strip()
     return q
+
+
+def all_query(expr):
+    """A dashboard query as Grafana sends it with every variable at All."""
+    q = expr.replace("$__rate_interval", "1m")
+    for var in DASHBOARD_VARIABLES:
+        q = q.replace(f"${var}", ".*")
+    return re.sub(r"\s+", " ", q).strip()
 
 
 def dashboard_queries(dash):
@@ -555,6 +574,17 @@ def cmd_dashboard(outdir):
     f.check(isinstance(dash.get("schemaVersion"), int) and dash["schemaVersion"] >= 36, "schemaVersion must be 36 or newer")
     f.check(dash.get("uid") and dash.get("title"), "the dashboard needs a uid and a title")
     variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    for i, name in enumerate(DASHBOARD_VARIABLES):
+        v = variables.get(name, {})
+        if not f.check(v.get("type") == "query", f"templating needs a query variable `{name}`"):
+            continue
+        f.check(v.get("includeAll") and v.get("allValue") == ".*" and v.get("multi"),
+                f"variable `{name}`: multi-value, with All as .* (series without the label still match)")
+        query = v.get("definition", "")
+        f.check(re.fullmatch(rf"label_values\(wskeep_build_info(\{{.*\}})?, {name}\)", query),
+                f"variable `{name}`: label_values(wskeep_build_info{{...}}, {name})")
+        for earlier in DASHBOARD_VARIABLES[:i]:
+            f.check(f'{earlier}=~"${earlier}"' in query, f"variable `{name}` must be narrowed by ${earlier}")
     ds = variables.get("datasource", {})
     f.check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
             "templating needs a variable `datasource` of type datasource, query prometheus")
@@ -576,8 +606,11 @@ def cmd_dashboard(outdir):
             f.check(t.get("datasource", {}).get("uid", "${datasource}") == "${datasource}",
                     f"{where}: target {t.get('refId')} must use ${{datasource}}")
             expr = t.get("expr", "")
-            leftover = set(re.findall(r"\$\{?(\w+)", expr)) - {"__rate_interval", "job", "instance"}
+            leftover = set(re.findall(r"\$\{?(\w+)", expr)) - {"__rate_interval", *DASHBOARD_VARIABLES}
             f.check(not leftover, f"{where}: unknown variables {sorted(leftover)}")
+            for name, body in SELECTOR_RE.findall(expr):
+                missing = [v for v in DASHBOARD_VARIABLES if f'{v}=~"${v}"' not in body]
+                f.check(not (base_metric(name) and missing), f"{where}: {name} is not narrowed by {missing}")
             legend_labels = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
             labels = check_promql(f, where, expr)
             m = re.match(r"\s*(sum|count|min|max|avg)\s+by\s*\(([^)]*)\)", expr)
@@ -588,6 +621,7 @@ def cmd_dashboard(outdir):
             f.check(legend_labels <= labels, f"{where}: legend uses {sorted(legend_labels - labels)}, not in the result")
 
     queries = dashboard_queries(dash)
+    all_queries = list(dict.fromkeys(all_query(t.get("expr", "")) for _, t in dashboard_targets(dash)))
     for q in queries:
         f.check("$" not in q, f"query still has a variable after substitution: {q}")
     with open(DASHBOARD_QUERIES, encoding="utf-8") as fh:
@@ -609,10 +643,12 @@ def cmd_dashboard(outdir):
         "tests": [{
             "interval": series["interval"],
             "input_series": series["input_series"],
+            # Each query returns data as the Rust test runs it (no variables) and as Grafana sends
+            # it with every variable at All (the series, like a VM's, have no namespace or pod).
             "promql_expr_test": [
                 {"expr": f"count(({q}) == ({q})) > bool 0", "eval_time": series["eval_time"],
                  "exp_samples": [{"labels": "{}", "value": 1}]}
-                for q in queries],
+                for q in queries + all_queries],
         }],
     }
     dump_yaml(test, os.path.join(outdir, "dashboard_test.yaml"))
@@ -675,6 +711,104 @@ def cmd_dockerfile():
     return f.finish()
 
 
+# --- systemd unit ------------------------------------------------------------------------------
+
+FD_HEADROOM = 64  # what `wskeep check` adds to two descriptors per connection
+
+
+def unit_directives(path):
+    """A unit file as {section: {key: [values]}} (keys repeat; comments and blank lines skipped)."""
+    sections, current = {}, None
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                current = sections.setdefault(line[1:-1], {})
+                continue
+            key, _, value = line.partition("=")
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def systemd_seconds(value):
+    """TimeoutStopSec and friends: a bare number is seconds, else a systemd time span."""
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    units = {"ms": 0.001, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|sec|s|min|m|h)\b", value)
+    if not parts:
+        raise ValueError(f"not a time span: {value!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def cmd_unit(unit_path, config_path=None):
+    f = Failures(f"systemd unit {unit_path}")
+    units = unit_directives(unit_path)
+    svc = units.get("Service", {})
+
+    def one(key):
+        values = svc.get(key) or [None]
+        return values[-1]
+
+    with open(config_path or VM_CONFIG, "rb") as fh:
+        cfg = tomllib.load(fh)
+    drain = seconds(cfg.get("shutdown", {}).get("drain_timeout", "25s"))
+    max_conns = cfg.get("listen", {}).get("max_connections", 10000)
+
+    f.check(one("User") == "wskeep" and one("Group") == "wskeep", "the service must run as user and group wskeep")
+    f.check(one("ExecStart") == "/usr/bin/wskeep run --config /etc/wskeep/wskeep.toml",
+            "ExecStart must be /usr/bin/wskeep run --config /etc/wskeep/wskeep.toml")
+    f.check(one("ExecReload") == "/bin/kill -HUP $MAINPID", "ExecReload must be /bin/kill -HUP $MAINPID (SIGHUP reloads)")
+    f.check(one("KillSignal") in (None, "SIGTERM"), "KillSignal must be SIGTERM (it starts the drain)")
+    f.check(one("Restart") == "on-failure", "Restart must be on-failure")
+    try:
+        stop = systemd_seconds(one("TimeoutStopSec") or "90")
+        f.check(stop > drain + CLOSE_BOUND_SECONDS,
+                f"TimeoutStopSec ({stop:g}s) must exceed shutdown.drain_timeout ({drain:g}s) + the "
+                f"{CLOSE_BOUND_SECONDS}s close bound, or a stop kills connections before their 1001")
+    except ValueError as e:
+        f.check(False, f"TimeoutStopSec: {e}")
+    nofile = one("LimitNOFILE") or "0"
+    limit = int(nofile.split(":")[-1]) if nofile.split(":")[-1].isdigit() else 0
+    f.check(limit >= 2 * max_conns + FD_HEADROOM,
+            f"LimitNOFILE ({nofile}) must hold two descriptors per connection for listen.max_connections "
+            f"({max_conns}) plus {FD_HEADROOM}")
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("PrivateTmp", "yes"),
+                       ("ProtectHome", "yes"), ("PrivateDevices", "yes")):
+        f.check(one(key) == value, f"{key} must be {value}")
+    caps = one("CapabilityBoundingSet")
+    f.check(caps is not None and set(caps.split()) <= {"CAP_NET_BIND_SERVICE"},
+            "CapabilityBoundingSet must be empty (or only CAP_NET_BIND_SERVICE, to bind below 1024)")
+    f.check(units.get("Install", {}).get("WantedBy") == ["multi-user.target"], "WantedBy must be multi-user.target")
+    return f.finish()
+
+
+# --- placeholders ----------------------------------------------------------------------------
+
+PLACEHOLDER_RE = re.compile(r"\bexample\.(com|org|net)\b|github\.com/example\b|\b[\w-]+\.example\b", re.I)
+
+
+def cmd_placeholders():
+    """A link or image that looks real but leads nowhere is worse than none."""
+    f = Failures("placeholder domains")
+    paths = [README, "Cargo.toml"]
+    for top in (DEPLOY, "config", "docs"):
+        for root, _, names in os.walk(top):
+            paths += [os.path.join(root, n) for n in names]
+    for path in sorted(paths):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for number, line in enumerate(fh, 1):
+                    for m in PLACEHOLDER_RE.finditer(line):
+                        f.check(False, f"{path}:{number}: {m.group(0)}")
+        except UnicodeDecodeError:
+            continue
+    return f.finish()
+
+
 def check_design():
     """The metric names used here must still be in DESIGN.md's table, when it is at hand."""
     if not os.path.exists(DESIGN):
@@ -694,8 +828,6 @@ def main(argv):
         sys.stderr.write(__doc__)
         return 2
     cmd, args = argv[1], argv[2:]
-    if cmd == "compare" and len(args) == 2:
-        return cmd_compare(*args)
     if cmd == "manifests" and len(args) == 2:
         return cmd_manifests(*args)
     if cmd == "alerts" and not args:
@@ -704,6 +836,10 @@ def main(argv):
         return cmd_dashboard(*args)
     if cmd == "dockerfile" and not args:
         return cmd_dockerfile()
+    if cmd == "unit" and len(args) in (1, 2):
+        return cmd_unit(*args)
+    if cmd == "placeholders" and not args:
+        return cmd_placeholders()
     if cmd == "rules-file" and not args:
         sys.stdout.write(rules_file_text())
         return 0
