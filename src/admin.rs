@@ -95,7 +95,7 @@ async fn drain(req: &Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
         return refusal.response;
     }
     let wait = query_params(req).any(|(k, v)| k == "wait" && (v == "true" || v == "1"));
-    tracing::info!(%peer, user_agent = ?user_agent, wait, "drain requested on the admin port");
+    tracing::info!(%peer, user_agent = ?user_agent, wait, "drain requested");
     shared.drain.start();
     if wait {
         shared.drain.finished().await;
