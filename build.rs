@@ -1,6 +1,7 @@
 //! Stamps the git commit into the binary (`wskeep -V`, `wskeep_build_info{commit}`) when it is
 //! built from a checkout. Without git or a repository (a crates.io or `.deb` source tree, a Docker
-//! build context without `.git`) the commit is empty and the build goes on.
+//! build context without `.git`) the commit is empty and the build goes on, unless
+//! `WSKEEP_GIT_COMMIT` names it (deploy/Dockerfile's build argument).
 
 use std::path::Path;
 use std::process::Command;
@@ -13,7 +14,22 @@ fn git(args: &[&str]) -> Option<String> {
 
 fn main() {
     let version = env!("CARGO_PKG_VERSION");
-    let commit = if Path::new(".git").exists() { git(&["rev-parse", "--short", "HEAD"]) } else { None };
+    println!("cargo:rerun-if-env-changed=WSKEEP_GIT_COMMIT");
+    let given = std::env::var("WSKEEP_GIT_COMMIT").ok().filter(|c| !c.is_empty());
+    let given = given.filter(|c| {
+        let ok = c.len() <= 40 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ok {
+            println!("cargo:warning=WSKEEP_GIT_COMMIT ignored: not a commit name");
+        }
+        ok
+    });
+    let commit = if given.is_some() {
+        given
+    } else if Path::new(".git").exists() {
+        git(&["rev-parse", "--short", "HEAD"])
+    } else {
+        None
+    };
     if commit.is_some() {
         // `--git-path` resolves a worktree's own HEAD and the shared refs; a commit moves the
         // branch's ref (or packed-refs after `git pack-refs`), a checkout moves HEAD.
