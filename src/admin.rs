@@ -121,14 +121,11 @@ async fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), Refus
     let Some(path) = shared.settings().config.admin.drain_token_file.clone() else { return Ok(()) };
     // Read on every request, so a rotated secret needs no reload; an unreadable one refuses
     // everybody rather than nobody.
-    let token = match tokio::task::spawn_blocking(move || crate::config::read_drain_token(&path)).await {
-        Ok(Ok(token)) => token,
-        Ok(Err(e)) => {
+    let read = tokio::task::spawn_blocking(move || crate::config::read_drain_token(&path)).await;
+    let token = match read.unwrap_or_else(|e| Err(e.to_string())) {
+        Ok(token) => token,
+        Err(e) => {
             tracing::error!(error = %e, "admin.drain_token_file: cannot check /drain requests");
-            let response = reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "drain token unavailable\n");
-            return Err(Refusal { reason: "token file unreadable", response });
-        }
-        Err(_) => {
             let response = reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "drain token unavailable\n");
             return Err(Refusal { reason: "token file unreadable", response });
         }

@@ -128,7 +128,7 @@ async fn with_a_token_file_only_its_token_drains() {
 }
 
 #[tokio::test]
-async fn the_token_may_come_in_the_query_and_is_read_again_when_rotated() {
+async fn the_token_may_come_in_the_query_and_is_read_on_every_request() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("drain-token");
@@ -140,6 +140,11 @@ async fn the_token_may_come_in_the_query_and_is_read_again_when_rotated() {
     std::fs::write(&token_file, rotated).unwrap();
     assert_eq!(request(wskeep.admin, "GET", &format!("/drain?token={TOKEN}"), &[]).await.0, 401);
     assert_eq!(readyz(&wskeep).await, 200);
+    // A token file that cannot be read refuses everybody.
+    std::fs::remove_file(&token_file).unwrap();
+    assert_eq!(request(wskeep.admin, "GET", &format!("/drain?token={rotated}"), &[]).await.0, 503);
+    assert_eq!(readyz(&wskeep).await, 200);
+    std::fs::write(&token_file, rotated).unwrap();
     assert_eq!(request(wskeep.admin, "GET", &format!("/drain?token={rotated}&wait=true"), &[]).await.0, 200);
     assert_eq!(readyz(&wskeep).await, 503);
 }
