@@ -13,7 +13,6 @@ use prometheus::{
 use crate::vocab::{End, Side, UpgradeFailure};
 
 mod process;
-pub use process::cpu_seconds;
 
 /// The close code as a bounded label: 1000–1015 by number, else its class.
 pub fn close_code_label(code: u16) -> &'static str {

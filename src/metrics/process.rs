@@ -27,7 +27,7 @@ impl ProcessMetrics {
 }
 
 /// User plus system CPU time of every thread of this process, in seconds.
-pub fn cpu_seconds() -> Option<f64> {
+fn cpu_seconds() -> Option<f64> {
     let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
     Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
 }
