@@ -6,18 +6,25 @@
 //! - `GET /connections`: the live proxied connections as JSON
 //! - `GET|POST /drain`: start draining; with `?wait=true`, answer once every connection has
 //!   closed or the drain has timed out (the orchestrator's `preStop` hook)
+//!
+//! `/drain` takes the proxy out of service until the process restarts, so it is guarded: no
+//! other method drains (a monitoring sweep's HEAD gets 405), with `admin.drain_token_file` set it
+//! requires that secret, and every request to it is logged with the caller's address and user
+//! agent, whether it drained or not.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, USER_AGENT, WWW_AUTHENTICATE};
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +32,7 @@ use crate::proxy::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, ready: Arc<AtomicBool>, stop: CancellationToken) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -41,7 +48,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, ready: Arc<Atomic
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 let ready = ready.clone();
-                async move { Ok::<_, Infallible>(route(req, &shared, &ready).await) }
+                async move { Ok::<_, Infallible>(route(req, peer, &shared, &ready).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -59,8 +66,9 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     response
 }
 
-async fn route(req: Request<Incoming>, shared: &Shared, ready: &AtomicBool) -> Response<Full<Bytes>> {
-    const TEXT: &str = "text/plain; charset=utf-8";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+async fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Shared, ready: &AtomicBool) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.encode()),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
@@ -72,16 +80,75 @@ async fn route(req: Request<Incoming>, shared: &Shared, ready: &AtomicBool) -> R
             }
         }
         "/connections" => reply(StatusCode::OK, "application/json", shared.connections.to_json().to_string()),
-        "/drain" => {
-            shared.drain.start();
-            let wait = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "wait=true" || kv == "wait=1"));
-            if wait {
-                shared.drain.finished().await;
-                reply(StatusCode::OK, TEXT, format!("drained; {} connection(s) left\n", shared.connections.len()))
-            } else {
-                reply(StatusCode::ACCEPTED, TEXT, "draining\n")
-            }
-        }
+        "/drain" => drain(&req, peer, shared).await,
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found: try /metrics /healthz /readyz /connections /drain\n"),
     }
+}
+
+/// `/drain`, once the caller has shown it may (`authorize`).
+async fn drain(req: &Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Response<Full<Bytes>> {
+    // A header value is the caller's to choose: bounded, and logged escaped (`?`).
+    let user_agent = req.headers().get(USER_AGENT).map_or("", |v| v.to_str().unwrap_or("(not text)"));
+    let user_agent = user_agent.get(..user_agent.len().min(200)).unwrap_or("(not text)");
+    if let Err(refusal) = authorize(req, shared).await {
+        tracing::warn!(%peer, user_agent = ?user_agent, method = %req.method(), reason = refusal.reason, "drain refused");
+        return refusal.response;
+    }
+    let wait = query_params(req).any(|(k, v)| k == "wait" && (v == "true" || v == "1"));
+    tracing::info!(%peer, user_agent = ?user_agent, wait, "drain requested");
+    shared.drain.start();
+    if wait {
+        shared.drain.finished().await;
+        reply(StatusCode::OK, TEXT, format!("drained; {} connection(s) left\n", shared.connections.len()))
+    } else {
+        reply(StatusCode::ACCEPTED, TEXT, "draining\n")
+    }
+}
+
+struct Refusal {
+    reason: &'static str,
+    response: Response<Full<Bytes>>,
+}
+
+/// Only GET (the kubelet's `httpGet` preStop hook) and POST drain; with `admin.drain_token_file`
+/// set, only with that token, as `Authorization: Bearer <token>` or `?token=<token>`.
+async fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), Refusal> {
+    if req.method() != Method::GET && req.method() != Method::POST {
+        let mut response = reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "/drain takes GET or POST\n");
+        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, POST"));
+        return Err(Refusal { reason: "method not allowed", response });
+    }
+    let Some(path) = shared.settings().config.admin.drain_token_file.clone() else { return Ok(()) };
+    // Read on every request, so a rotated secret needs no reload; an unreadable one refuses
+    // everybody rather than nobody.
+    let read = tokio::task::spawn_blocking(move || crate::config::read_drain_token(&path)).await;
+    let token = match read.unwrap_or_else(|e| Err(e.to_string())) {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::error!(error = %e, "admin.drain_token_file: cannot check /drain requests");
+            let response = reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "drain token unavailable\n");
+            return Err(Refusal { reason: "token file unreadable", response });
+        }
+    };
+    let bearer = req
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| v[7..].trim_ascii());
+    let query = query_params(req).find(|(k, _)| *k == "token").map(|(_, v)| v.as_bytes());
+    match bearer.or(query) {
+        Some(given) if bool::from(given.ct_eq(&token)) => Ok(()),
+        given => {
+            let mut response =
+                reply(StatusCode::UNAUTHORIZED, TEXT, "/drain needs the token of admin.drain_token_file\n");
+            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let reason = if given.is_some() { "wrong token" } else { "no token" };
+            Err(Refusal { reason, response })
+        }
+    }
+}
+
+fn query_params<B>(req: &Request<B>) -> impl Iterator<Item = (&str, &str)> {
+    req.uri().query().unwrap_or("").split('&').map(|kv| kv.split_once('=').unwrap_or((kv, "")))
 }

@@ -98,6 +98,9 @@ pub struct Limits {
 #[derive(Debug, Clone, Serialize)]
 pub struct Admin {
     pub addr: SocketAddr,
+    /// A file holding the secret `/drain` requires (`Authorization: Bearer` or `?token=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -184,7 +187,7 @@ impl Default for Config {
                 forward: false,
             },
             limits: Limits { max_message_size: ByteSize(1 << 20) },
-            admin: Admin { addr: SocketAddr::from(([0, 0, 0, 0], 9090)) },
+            admin: Admin { addr: SocketAddr::from(([0, 0, 0, 0], 9090)), drain_token_file: None },
             shutdown: Shutdown { drain_timeout: Duration::from_secs(25) },
             log: Log { format: LogFormat::Json, level: "info".into() },
         }
@@ -255,7 +258,10 @@ impl Config {
                 forward: r.get("json_ping", "forward", d.json_ping.forward),
             },
             limits: Limits { max_message_size: r.get("limits", "max_message_size", d.limits.max_message_size) },
-            admin: Admin { addr: r.get("admin", "addr", d.admin.addr) },
+            admin: Admin {
+                addr: r.get("admin", "addr", d.admin.addr),
+                drain_token_file: r.get("admin", "drain_token_file", d.admin.drain_token_file),
+            },
             shutdown: Shutdown { drain_timeout: r.duration("shutdown", "drain_timeout", d.shutdown.drain_timeout) },
             log: Log { format: r.get("log", "format", d.log.format), level: r.get("log", "level", d.log.level) },
         };
@@ -350,6 +356,11 @@ impl Config {
         if self.admin.addr == self.listen.addr && self.admin.addr.port() != 0 {
             bad("admin.addr", format!("must differ from listen.addr ({})", self.listen.addr));
         }
+        if let Some(path) = &self.admin.drain_token_file {
+            if let Err(e) = read_drain_token(path) {
+                bad("admin.drain_token_file", e);
+            }
+        }
         // EnvFilter reads a bare word as a target name ("warnig" would log nothing of wskeep's),
         // so a directive without `=` must be a level; targets are written `target=level`.
         let bare = self.log.level.split(',').map(str::trim).find(|d| {
@@ -406,6 +417,17 @@ fn parse_upstream_url(url: &str) -> Result<String, String> {
         return Err(format!("`{url}` must not have a path or query: the client's own path is forwarded"));
     }
     Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+}
+
+/// The secret in `admin.drain_token_file`: the file's content without surrounding whitespace,
+/// at least 16 bytes (a guessable token protects nothing).
+pub fn read_drain_token(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.trim_ascii();
+    if token.len() < 16 {
+        return Err(format!("{} must hold a token of at least 16 characters", path.display()));
+    }
+    Ok(token.to_vec())
 }
 
 /// The hard `RLIMIT_NOFILE`, or `None` where it is unlimited or unknown.

@@ -8,7 +8,7 @@
 //! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
 //! - `frame`, `legstream`, `keepalive`, `jsonping`: what the relay uses: WebSocket frames, each
 //!   leg's transport, both legs' timers and the JSON ping matcher
-//! - `shutdown`: drain and close phases, signals
+//! - `shutdown`: drain and close phases, signals; `reload`: the configuration reload (SIGHUP)
 //! - `tls`: certificate loading and hot reload
 //! - `metrics`, `connections`, `admin`, `telemetry`: what operators see
 //! - `vocab`: `Side`, `End`, `UpgradeFailure`, the words every other module shares
@@ -25,6 +25,7 @@ pub mod legstream;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod size;

@@ -5,11 +5,12 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use wskeep::config::{Config, CONFIG_ENV};
+use wskeep::shutdown::{Signal, Signals};
 
 mod generate;
 
 #[derive(Parser)]
-#[command(name = "wskeep", version, about = "WebSocket keepalive sidecar")]
+#[command(name = "wskeep", version = env!("WSKEEP_VERSION"), about = "WebSocket keepalive sidecar")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -262,6 +263,15 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         tracing::warn!("{warning}");
     }
     runtime().block_on(async move {
+        // First, so that from here on no signal wskeep answers can end it by its default action.
+        let mut signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                eprintln!("error: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let server = match wskeep::Server::bind(config).await {
             Ok(server) => server,
             Err(e) => {
@@ -272,13 +282,28 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         };
         tracing::info!(addr = %server.local_addr(), admin = %server.admin_addr(), "bound");
         let drain = server.drain();
+        let reloader = server.reloader(path);
         tokio::spawn(async move {
-            wskeep::shutdown::signal().await;
-            drain.shutdown();
-            // A second signal skips the rest of the drain; the close frames still go out.
-            wskeep::shutdown::signal().await;
-            tracing::info!("second signal: closing every connection now");
-            drain.close_now();
+            let mut stopping = false;
+            loop {
+                match signals.recv().await {
+                    Signal::Stop(name) if !stopping => {
+                        tracing::info!(signal = name, "shutting down");
+                        stopping = true;
+                        drain.shutdown();
+                    }
+                    // A second stop signal skips the rest of the drain; the close frames still go out.
+                    Signal::Stop(name) => {
+                        tracing::info!(signal = name, "second signal: closing every connection now");
+                        drain.close_now();
+                    }
+                    Signal::Reload => {
+                        tracing::info!(signal = "SIGHUP", "reloading the configuration");
+                        reloader.reload();
+                    }
+                    Signal::Ignore(name) => tracing::info!(signal = name, "signal ignored"),
+                }
+            }
         });
         server.run().await;
         ExitCode::SUCCESS

@@ -12,6 +12,8 @@ use prometheus::{
 
 use crate::vocab::{End, Side, UpgradeFailure};
 
+mod process;
+
 /// The close code as a bounded label: 1000–1015 by number, else its class.
 pub fn close_code_label(code: u16) -> &'static str {
     const NAMED: [&str; 16] = [
@@ -30,6 +32,24 @@ const DURATION_BUCKETS: &[f64] =
     &[1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0];
 const RTT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// How a configuration reload ended (`wskeep_config_reloads_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The file was valid; what can change without a restart is in service.
+    Success,
+    /// The file had problems; the running configuration was kept.
+    Invalid,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Invalid => "invalid",
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +72,7 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     pub tls_cert_reloads: IntCounter,
     pub tls_cert_not_after: IntGauge,
+    config_reloads: IntCounterVec,
 }
 
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -92,12 +113,13 @@ impl Metrics {
             histogram_vec(&r, "wskeep_ping_rtt_seconds", "Round-trip time of wskeep's pings", &["side"], RTT_BUCKETS);
         let build = register(
             &r,
-            IntGaugeVec::new(Opts::new("wskeep_build_info", "Build information"), &["version"]).expect("valid"),
+            IntGaugeVec::new(Opts::new("wskeep_build_info", "Build information"), &["version", "commit"])
+                .expect("valid"),
         );
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let process = prometheus::process_collector::ProcessCollector::for_self();
+        // The commit is empty when built outside a git checkout (build.rs).
+        build.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("WSKEEP_COMMIT")]).set(1);
         // The process collector has its own fixed names; it registers once per registry.
-        r.register(Box::new(process)).expect("process metrics register once");
+        r.register(Box::new(process::ProcessMetrics::for_self())).expect("process metrics register once");
 
         let m = Metrics {
             connections_active: register(
@@ -159,6 +181,12 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            config_reloads: counter_vec(
+                &r,
+                "wskeep_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result: success, or invalid (the running configuration kept)",
+                &["result"],
+            ),
             registry: r,
         };
         // Every closed label set starts at zero, so rates and alerts see a series from the start.
@@ -168,7 +196,14 @@ impl Metrics {
         for end in End::ALL {
             m.connection_duration.with_label_values(&[end.as_str()]);
         }
+        for result in [ReloadResult::Success, ReloadResult::Invalid] {
+            m.config_reloads.with_label_values(&[result.as_str()]);
+        }
         m
+    }
+
+    pub fn config_reloaded(&self, result: ReloadResult) {
+        self.config_reloads.with_label_values(&[result.as_str()]).inc();
     }
 
     pub fn upgrade_failed(&self, reason: UpgradeFailure) {
@@ -227,7 +262,8 @@ mod tests {
         assert!(text.contains("wskeep_messages_total{direction=\"client_to_upstream\"} 1"), "{text}");
         assert!(text.contains("wskeep_close_codes_total{code=\"4xxx\",direction=\"received\",side=\"upstream\"} 1"));
         assert!(text.contains("wskeep_upgrade_failures_total{reason=\"limit\"} 0"));
-        assert!(text.contains("wskeep_build_info{version="));
+        assert!(text.contains("wskeep_build_info{commit="));
+        assert!(text.contains("wskeep_config_reloads_total{result=\"invalid\"} 0"));
         assert!(text.contains("process_resident_memory_bytes"));
     }
 }

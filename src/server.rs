@@ -19,10 +19,9 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::connections::Connections;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnMeta, Shared};
-use crate::relay::RelaySettings;
+use crate::reload::Reloader;
 use crate::shutdown::Drain;
 use crate::tls::{self, CertResolver};
 use crate::vocab::UpgradeFailure;
@@ -73,20 +72,12 @@ impl Server {
             (Some(cert), Some(key)) => {
                 let pair = tls::load_pair(cert, key)?;
                 metrics.tls_cert_not_after.set(pair.not_after);
-                let resolver = Arc::new(CertResolver::new(pair.key));
+                let resolver = Arc::new(CertResolver::new(&pair, cert, key));
                 Some((TlsAcceptor::from(tls::server_config(resolver.clone())), resolver))
             }
             _ => None,
         };
-        let shared = Arc::new(Shared {
-            relay: RelaySettings::from_config(&config),
-            http: proxy::http::client(&config),
-            drain: Drain::new(config.shutdown.drain_timeout),
-            connections: Arc::new(Connections::default()),
-            metrics,
-            tls: tls.is_some(),
-            config: Arc::new(config),
-        });
+        let shared = Arc::new(Shared::new(config, metrics, tls.is_some()));
         Ok(Server { shared, listener, admin, tls, ready: Arc::new(AtomicBool::new(false)) })
     }
 
@@ -108,27 +99,24 @@ impl Server {
         self.shared.metrics.clone()
     }
 
+    /// The handle that reloads this server's configuration from `path` (SIGHUP).
+    pub fn reloader(&self, path: Option<std::path::PathBuf>) -> Reloader {
+        Reloader::new(path, self.shared.clone(), self.tls.as_ref().map(|(_, resolver)| resolver.clone()))
+    }
+
     /// Serves until `Drain::shutdown` and every connection has closed (or the close bound passed).
     pub async fn run(self) {
         let Server { shared, listener, admin, tls, ready } = self;
         let stop_background = CancellationToken::new();
         tokio::spawn(crate::admin::serve(admin, shared.clone(), ready.clone(), stop_background.clone()));
-        if let (Some((_, resolver)), Some(cert), Some(key)) =
-            (&tls, &shared.config.listen.tls_cert, &shared.config.listen.tls_key)
-        {
-            tokio::spawn(tls::watch(
-                cert.clone(),
-                key.clone(),
-                resolver.clone(),
-                shared.metrics.clone(),
-                stop_background.clone(),
-            ));
+        if let Some((_, resolver)) = &tls {
+            tokio::spawn(tls::watch(resolver.clone(), shared.metrics.clone(), stop_background.clone()));
         }
         let acceptor = tls.map(|(acceptor, _)| acceptor);
         tracing::info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tls = acceptor.is_some(),
-            upstream = %shared.config.upstream.url,
+            upstream = %shared.settings().config.upstream.url,
             "listening"
         );
         ready.store(true, Relaxed);
@@ -142,7 +130,8 @@ impl Server {
 }
 
 async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Option<TlsAcceptor>) {
-    let permits = Arc::new(Semaphore::new(shared.config.listen.max_connections as usize));
+    // A reload does not resize the listener: max_connections needs a restart (reload.rs).
+    let permits = Arc::new(Semaphore::new(shared.settings().config.listen.max_connections as usize));
     let rejecting = Arc::new(Semaphore::new(REJECT_SLOTS));
     let mut draining = pin!(shared.drain.draining());
     let mut resource_errors = 0u64;
@@ -210,9 +199,13 @@ async fn serve_connection(
     acceptor: Option<TlsAcceptor>,
     admission: Admission,
 ) {
-    let listen = &shared.config.listen;
+    // The timeouts in service when the connection came; its requests each read the settings anew.
+    let (handshake_timeout, idle_timeout) = {
+        let settings = shared.settings();
+        (settings.config.listen.handshake_timeout, settings.config.listen.idle_timeout)
+    };
     // TLS and the first request head must both arrive within the handshake timeout.
-    let deadline = Instant::now() + listen.handshake_timeout;
+    let deadline = Instant::now() + handshake_timeout;
     let io = match acceptor {
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => Either::Left(tls),
@@ -255,9 +248,9 @@ async fn serve_connection(
 
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).max_buf_size(MAX_REQUEST_HEAD);
-    if !listen.idle_timeout.is_zero() {
+    if !idle_timeout.is_zero() {
         // Covers both a keep-alive connection waiting for its next request and a slow head.
-        builder.header_read_timeout(listen.idle_timeout);
+        builder.header_read_timeout(idle_timeout);
     }
     let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
     let mut head_deadline = pin!(tokio::time::sleep_until(deadline));

@@ -4,8 +4,11 @@
 //! `Drain` is one handle shared by the accept loop, the relays, the admin server (`/drain`) and
 //! the signal handler. Relay tasks are spawned on its `TaskTracker`, because hyper's connection
 //! future ends at the upgrade and would not otherwise be waited for.
+//!
+//! `Signals` says what each Unix signal means to wskeep (README, "Signals").
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +31,8 @@ struct Inner {
     /// A signal asked the process to exit once the connections are closed.
     exit: CancellationToken,
     tasks: TaskTracker,
-    drain_timeout: Duration,
+    /// In milliseconds; a configuration reload may change it before a drain starts.
+    drain_timeout_ms: AtomicU64,
 }
 
 impl Drain {
@@ -39,9 +43,14 @@ impl Drain {
                 closing: CancellationToken::new(),
                 exit: CancellationToken::new(),
                 tasks: TaskTracker::new(),
-                drain_timeout,
+                drain_timeout_ms: AtomicU64::new(millis(drain_timeout)),
             }),
         }
+    }
+
+    /// The drain timeout of a drain that starts later (one already running keeps its own).
+    pub fn set_timeout(&self, drain_timeout: Duration) {
+        self.inner.drain_timeout_ms.store(millis(drain_timeout), Relaxed);
     }
 
     /// Starts draining (idempotent): connections get until the drain timeout, then close.
@@ -49,11 +58,11 @@ impl Drain {
         if self.inner.draining.is_cancelled() {
             return;
         }
-        tracing::info!(drain_timeout = ?self.inner.drain_timeout, "draining: no new connections");
+        let timeout = Duration::from_millis(self.inner.drain_timeout_ms.load(Relaxed));
+        tracing::info!(drain_timeout = ?timeout, "draining: no new connections");
         self.inner.draining.cancel();
         self.inner.tasks.close();
         let closing = self.inner.closing.clone();
-        let timeout = self.inner.drain_timeout;
         tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(timeout) => closing.cancel(),
@@ -117,14 +126,57 @@ impl Drain {
     }
 }
 
-/// Resolves on SIGTERM (Kubernetes, systemd) or SIGINT (a terminal's Ctrl-C).
-pub async fn signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    // Installing a handler only fails if the signal number is invalid; these two are not.
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What a signal asks of wskeep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// TERM (Kubernetes, systemd), INT (Ctrl-C), QUIT (Ctrl-\, the stop signal of some
+    /// images): drain, then exit 0; a second one closes every connection at once.
+    Stop(&'static str),
+    /// HUP: reload the configuration file (a closing terminal sends it too: it must not kill).
+    Reload,
+    /// USR1, USR2: logged and ignored, never fatal (their default action ends the process).
+    Ignore(&'static str),
+}
+
+/// The handlers of every signal wskeep answers. Installing them replaces the default actions
+/// (termination, and a core dump for QUIT) for the life of the process.
+pub struct Signals {
+    streams: Vec<(tokio::signal::unix::Signal, Signal)>,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let table = [
+            (SignalKind::terminate(), Signal::Stop("SIGTERM")),
+            (SignalKind::interrupt(), Signal::Stop("SIGINT")),
+            (SignalKind::quit(), Signal::Stop("SIGQUIT")),
+            (SignalKind::hangup(), Signal::Reload),
+            (SignalKind::user_defined1(), Signal::Ignore("SIGUSR1")),
+            (SignalKind::user_defined2(), Signal::Ignore("SIGUSR2")),
+        ];
+        let mut streams = Vec::with_capacity(table.len());
+        for (kind, meaning) in table {
+            streams.push((signal(kind)?, meaning));
+        }
+        Ok(Signals { streams })
+    }
+
+    /// The next signal received.
+    pub async fn recv(&mut self) -> Signal {
+        std::future::poll_fn(|cx| {
+            for (stream, meaning) in &mut self.streams {
+                if let std::task::Poll::Ready(Some(())) = stream.poll_recv(cx) {
+                    return std::task::Poll::Ready(*meaning);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 }

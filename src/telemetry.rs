@@ -12,14 +12,37 @@ use crate::connections::ConnInfo;
 use crate::relay::Outcome;
 use crate::vocab::{Side, UpgradeFailure};
 
+/// Swaps the level filter of the installed subscriber (its type depends on the log format).
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), tracing_subscriber::reload::Error> + Send + Sync>;
+
+static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
+
 /// Installs the global subscriber; logs go to stderr. Safe to call more than once (tests).
 pub fn init(log: &Log) {
     let filter = EnvFilter::builder().parse_lossy(&log.level);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     let _ = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_current_span(false);
+            let builder = builder.with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| SET_FILTER.set(Box::new(move |f| handle.reload(f))))
+        }
+        LogFormat::Text => {
+            let builder = builder.with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| SET_FILTER.set(Box::new(move |f| handle.reload(f))))
+        }
     };
+}
+
+/// Applies a new `log.level` (already validated) to the running subscriber.
+pub fn set_level(level: &str) {
+    if let Some(set) = SET_FILTER.get() {
+        if let Err(e) = set(EnvFilter::builder().parse_lossy(level)) {
+            tracing::warn!(error = %e, "cannot apply the new log.level");
+        }
+    }
 }
 
 fn ms(d: Option<Duration>) -> Option<f64> {

@@ -5,7 +5,7 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
@@ -81,20 +81,71 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<LoadedPair, TlsErr
     Ok(LoadedPair { key: Arc::new(certified), not_after })
 }
 
-/// Hands every new handshake the current pair; `swap` replaces it for later handshakes only.
+/// Hands every new handshake the current pair; a new pair replaces it for later handshakes only.
+/// It also remembers which files the pair came from, so that the watcher and a configuration
+/// reload (which may name other files) load each change once.
 #[derive(Debug)]
 pub struct CertResolver {
     current: RwLock<Arc<CertifiedKey>>,
+    source: Mutex<Source>,
+}
+
+/// The files in service and what they were when last looked at.
+#[derive(Debug)]
+struct Source {
+    cert: PathBuf,
+    key: PathBuf,
+    seen: (Option<Fingerprint>, Option<Fingerprint>),
 }
 
 impl CertResolver {
-    pub fn new(key: Arc<CertifiedKey>) -> Self {
-        CertResolver { current: RwLock::new(key) }
+    /// Serves `pair`, loaded from `cert` and `key`.
+    pub fn new(pair: &LoadedPair, cert: &Path, key: &Path) -> Self {
+        CertResolver {
+            current: RwLock::new(pair.key.clone()),
+            source: Mutex::new(Source {
+                cert: cert.into(),
+                key: key.into(),
+                seen: (fingerprint(cert), fingerprint(key)),
+            }),
+        }
     }
 
     fn swap(&self, key: Arc<CertifiedKey>) {
         // A poisoned lock only means a panic elsewhere mid-swap; the Arc inside is still whole.
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+    }
+
+    fn source(&self) -> std::sync::MutexGuard<'_, Source> {
+        self.source.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads the pair from `cert` and `key` (the files watched from now on) and serves it; on
+    /// error the pair in service stays. For a configuration reload.
+    pub fn load_from(&self, cert: &Path, key: &Path, metrics: &Metrics) -> Result<(), TlsError> {
+        let mut source = self.source();
+        *source = Source { cert: cert.into(), key: key.into(), seen: (fingerprint(cert), fingerprint(key)) };
+        self.install(&source, metrics)
+    }
+
+    /// Reloads the pair if its files changed since last looked at. For the watcher.
+    fn reload_if_changed(&self, metrics: &Metrics) -> Option<Result<(), TlsError>> {
+        let mut source = self.source();
+        let now = (fingerprint(&source.cert), fingerprint(&source.key));
+        if now == source.seen {
+            return None;
+        }
+        source.seen = now;
+        Some(self.install(&source, metrics))
+    }
+
+    fn install(&self, source: &Source, metrics: &Metrics) -> Result<(), TlsError> {
+        let pair = load_pair(&source.cert, &source.key)?;
+        self.swap(pair.key);
+        metrics.tls_cert_reloads.inc();
+        metrics.tls_cert_not_after.set(pair.not_after);
+        tracing::info!(cert = %source.cert.display(), not_after = pair.not_after, "TLS certificate reloaded");
+        Ok(())
     }
 }
 
@@ -118,21 +169,16 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
+type Fingerprint = (u64, u64, i64, i64, u64);
+
 /// What identifies the file behind a path (symlinks followed): a swap or rewrite changes it.
-fn fingerprint(path: &Path) -> Option<(u64, u64, i64, i64, u64)> {
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
     let m = fs::metadata(path).ok()?;
     Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
 }
 
 /// Polls the pair's files and swaps in a new pair when they change and load cleanly.
-pub async fn watch(
-    cert: PathBuf,
-    key: PathBuf,
-    resolver: Arc<CertResolver>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    let mut seen = (fingerprint(&cert), fingerprint(&key));
+pub async fn watch(resolver: Arc<CertResolver>, metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(RELOAD_POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -140,21 +186,8 @@ pub async fn watch(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let now = (fingerprint(&cert), fingerprint(&key));
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match load_pair(&cert, &key) {
-            Ok(pair) => {
-                resolver.swap(pair.key);
-                metrics.tls_cert_reloads.inc();
-                metrics.tls_cert_not_after.set(pair.not_after);
-                tracing::info!(cert = %cert.display(), not_after = pair.not_after, "TLS certificate reloaded");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "new TLS certificate refused; the previous one stays in service");
-            }
+        if let Some(Err(e)) = resolver.reload_if_changed(&metrics) {
+            tracing::error!(error = %e, "new TLS certificate refused; the previous one stays in service");
         }
     }
 }

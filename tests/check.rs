@@ -274,3 +274,18 @@ fn the_shipped_example_passes_check() {
     assert_eq!(run.code, 0, "config/wskeep.toml must pass check:\n{}", run.stderr);
     assert!(run.stderr.contains("configuration OK"), "{}", run.stderr);
 }
+
+#[test]
+fn a_drain_token_file_must_be_readable_and_long_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-token");
+    let admin = |path: &Path| format!("[admin]\ndrain_token_file = {:?}\n{VALID}", path.display().to_string());
+    assert_problem(&check_text(&admin(&missing), &[]), "admin.drain_token_file", "no-token");
+    let short = write(dir.path(), "short-token", "secret\n");
+    assert_problem(&check_text(&admin(&short), &[]), "admin.drain_token_file", "at least 16 characters");
+    let good = write(dir.path(), "token", "3f9a0c5e8b7d41f2a6c0e9b8d7f6a5c4\n");
+    let run = check_text(&admin(&good), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // The path is shown, never the token.
+    assert!(run.stdout.contains("drain_token_file") && !run.stdout.contains("3f9a0c5e"), "{}", run.stdout);
+}

@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::binary::Wskeep;
 use common::{TestCert, TestUpstream, TlsWs};
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
@@ -20,117 +20,34 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 // === the real binary ===
 
-/// A `wskeep run --config FILE` child process; killed (if still running) when dropped, and its
-/// log printed when the test failed.
-struct Wskeep {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// Two distinct free loopback ports (both held while picked, then released).
-fn free_ports() -> (u16, u16) {
-    let a = StdListener::bind("127.0.0.1:0").unwrap();
-    let b = StdListener::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-}
-
 impl Wskeep {
     /// Starts the binary with TLS in front of `upstream` and waits until `/readyz` answers 200.
     async fn start(upstream: SocketAddr, cert: &TestCert, drain_timeout: &str) -> Wskeep {
-        for attempt in 0.. {
-            let dir = tempfile::tempdir().unwrap();
-            let (port, admin_port) = free_ports();
-            let config = format!(
-                "[listen]\naddr = \"127.0.0.1:{port}\"\ntls_cert = {:?}\ntls_key = {:?}\n\
-                 [admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
-                 [upstream]\nurl = \"ws://{upstream}\"\n\
-                 [client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n\
-                 [shutdown]\ndrain_timeout = \"{drain_timeout}\"\n\
-                 [log]\nlevel = \"info\"\nformat = \"text\"\n",
-                cert.cert.display().to_string(),
-                cert.key.display().to_string(),
-            );
-            let config_path = dir.path().join("wskeep.toml");
-            std::fs::write(&config_path, config).unwrap();
-            let log = dir.path().join("wskeep.log");
-            let mut command = Command::new(env!("CARGO_BIN_EXE_wskeep"));
-            command
-                .arg("run")
-                .arg("--config")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap());
-            for (name, _) in std::env::vars_os() {
-                if name.to_string_lossy().starts_with("WSKEEP_") {
-                    command.env_remove(name);
-                }
-            }
-            let child = command.spawn().expect("the wskeep binary starts");
-            let mut wskeep = Wskeep {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-                log,
-                _dir: dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                if let Some(status) = wskeep.child.try_wait().unwrap() {
-                    // Another process may have taken a port between picking and binding it.
-                    if attempt < 3 && wskeep.log().contains("cannot listen") {
-                        break;
-                    }
-                    panic!("wskeep exited at start with {status}:\n{}", wskeep.log());
-                }
-                if let Ok((200, _)) = common::http_get(wskeep.admin, "/readyz").await {
-                    return wskeep;
-                }
-                assert!(Instant::now() < deadline, "wskeep never became ready:\n{}", wskeep.log());
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        unreachable!()
-    }
-
-    /// Sends a real signal (`TERM`, `INT`) with kill(1).
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().unwrap();
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// The exit status if the process ends within `limit`.
-    async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        Wskeep::start_with(|port, admin_port| {
+            tls_config(port, admin_port, upstream, &cert.cert, &cert.key, drain_timeout)
+        })
+        .await
     }
 }
 
-impl Drop for Wskeep {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- wskeep log ---\n{}--- end of wskeep log ---", self.log());
-        }
-    }
+fn tls_config(
+    port: u16,
+    admin_port: u16,
+    upstream: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    drain_timeout: &str,
+) -> String {
+    format!(
+        "[listen]\naddr = \"127.0.0.1:{port}\"\ntls_cert = {:?}\ntls_key = {:?}\n\
+         [admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+         [upstream]\nurl = \"ws://{upstream}\"\n\
+         [client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n\
+         [shutdown]\ndrain_timeout = \"{drain_timeout}\"\n\
+         [log]\nlevel = \"info\"\nformat = \"text\"\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+    )
 }
 
 // === clients ===
@@ -388,6 +305,33 @@ async fn rewritten_certificate_is_served_to_new_clients_and_old_connections_carr
 
     echo(&mut a, "after").await;
     assert_eq!(reloads(&common::scrape(sidecar.admin).await), 1.0);
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_even_from_other_files() {
+    let cert = common::test_cert();
+    let upstream = TestUpstream::start().await;
+    let wskeep = Wskeep::start(upstream.addr, &cert, "1s").await;
+    let mut a = try_wss(wskeep.addr, &cert).await.unwrap();
+    let success = r#"wskeep_config_reloads_total{result="success"}"#;
+
+    // The same files are read again.
+    wskeep.signal("HUP");
+    let metrics = wskeep.wait_metric(success, 1.0, Duration::from_secs(5)).await;
+    assert_eq!(reloads(&metrics), 1.0);
+
+    // Other files: served to the next handshake, once the reload is counted.
+    let (cert_pem, key_pem) = common::cert_pair(&[0x02]);
+    let (new_cert, new_key) = (cert.dir.path().join("new.crt"), cert.dir.path().join("new.key"));
+    std::fs::write(&new_cert, cert_pem).unwrap();
+    std::fs::write(&new_key, key_pem).unwrap();
+    let text = tls_config(wskeep.addr.port(), wskeep.admin.port(), upstream.addr, &new_cert, &new_key, "1s");
+    std::fs::write(&wskeep.config, text).unwrap();
+    wskeep.signal("HUP");
+    let metrics = wskeep.wait_metric(success, 2.0, Duration::from_secs(5)).await;
+    assert_eq!(reloads(&metrics), 2.0);
+    assert_eq!(served_serial(wskeep.addr).await, [0x02]);
+    echo(&mut a, "the live connection carries on").await;
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::{headers, text, Body, Shared};
+use super::{headers, text, Body, Settings, Shared};
 use crate::config::Config;
 
 pub type UpstreamClient = Client<HttpConnector, Incoming>;
@@ -26,8 +26,8 @@ pub fn client(config: &Config) -> UpstreamClient {
         .build(connector)
 }
 
-pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
-    let upstream = &shared.config.upstream;
+pub async fn forward(req: Request<Incoming>, shared: &Shared, settings: &Settings, peer: SocketAddr) -> Response<Body> {
+    let upstream = &settings.config.upstream;
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Ok(uri) = Uri::builder().scheme("http").authority(upstream.authority.as_str()).path_and_query(path).build()
@@ -39,7 +39,7 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) 
     *out.uri_mut() = uri;
     *out.headers_mut() = headers::forward_request(&parts.headers, peer.ip(), shared.tls, &upstream.authority, false);
 
-    match tokio::time::timeout(upstream.response_timeout, shared.http.request(out)).await {
+    match tokio::time::timeout(upstream.response_timeout, settings.http.request(out)).await {
         Ok(Ok(mut response)) => {
             headers::strip_response(response.headers_mut(), false);
             response.map(|b| b.boxed())

@@ -7,7 +7,7 @@ pub mod ws;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -26,14 +26,64 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Everything the request handlers share, built once at start.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// Replaced whole by a configuration reload; read once per TCP connection and per request,
+    /// never per frame.
+    settings: RwLock<Arc<Settings>>,
     pub metrics: Arc<Metrics>,
     pub connections: Arc<Connections>,
     pub drain: Drain,
-    pub relay: RelaySettings,
-    pub http: http::UpstreamClient,
     /// Whether the listener terminates TLS (for `X-Forwarded-Proto`).
     pub tls: bool,
+}
+
+/// What a configuration reload changes: a connection or request takes a snapshot when it starts
+/// and keeps it to its end, so a reload reaches new ones only.
+pub struct Settings {
+    pub config: Config,
+    /// Shared with every relay started under these settings.
+    pub relay: Arc<RelaySettings>,
+    pub http: http::UpstreamClient,
+}
+
+impl Settings {
+    /// Builds the settings for `config`; a reload passes the running ones, whose keepalive timer
+    /// slots (and HTTP connection pool, if the upstream connection settings did not change) are
+    /// kept.
+    pub fn new(config: Config, running: Option<&Settings>) -> Settings {
+        let mut relay = RelaySettings::from_config(&config);
+        let mut http = None;
+        if let Some(running) = running {
+            relay.timer_slots = running.relay.timer_slots.clone();
+            if running.config.upstream.connect_timeout == config.upstream.connect_timeout {
+                http = Some(running.http.clone());
+            }
+        }
+        let http = http.unwrap_or_else(|| http::client(&config));
+        Settings { relay: Arc::new(relay), http, config }
+    }
+}
+
+impl Shared {
+    pub fn new(config: Config, metrics: Arc<Metrics>, tls: bool) -> Shared {
+        Shared {
+            drain: Drain::new(config.shutdown.drain_timeout),
+            settings: RwLock::new(Arc::new(Settings::new(config, None))),
+            metrics,
+            connections: Arc::new(Connections::default()),
+            tls,
+        }
+    }
+
+    /// The settings in service now.
+    pub fn settings(&self) -> Arc<Settings> {
+        // The lock guards a pointer swap that cannot panic halfway: a poisoned lock is whole.
+        self.settings.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Puts `settings` in service for the connections and requests that start from now on.
+    pub fn replace_settings(&self, settings: Settings) {
+        *self.settings.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(settings);
+    }
 }
 
 /// What a request knows about the TCP connection it came on.
@@ -45,10 +95,11 @@ pub struct ConnMeta {
 }
 
 pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Result<Response<Body>, Infallible> {
+    let settings = shared.settings();
     if headers::wants_websocket(req.headers()) {
-        Ok(ws::upgrade(req, shared, meta).await)
+        Ok(ws::upgrade(req, shared, settings, meta).await)
     } else {
-        let response = http::forward(req, &shared, meta.peer).await;
+        let response = http::forward(req, &shared, &settings, meta.peer).await;
         shared.metrics.http_request(response.status());
         Ok(response)
     }

@@ -18,9 +18,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::{headers, text, Body, ConnMeta, Shared};
+use super::{headers, text, Body, ConnMeta, Settings, Shared};
 use crate::legstream::LegStream;
-use crate::relay;
+use crate::relay::{self, RelaySettings};
 use crate::vocab::UpgradeFailure;
 
 /// Why the upstream leg could not be opened, and what the client is told.
@@ -31,7 +31,12 @@ enum UpstreamFailure {
     BadHandshake(&'static str),
 }
 
-pub async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Response<Body> {
+pub async fn upgrade(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    settings: Arc<Settings>,
+    meta: ConnMeta,
+) -> Response<Body> {
     let metrics = &shared.metrics;
     let client_key = match headers::validate_upgrade(req.method(), req.version(), req.headers()) {
         Ok(key) => key.to_string(),
@@ -51,7 +56,7 @@ pub async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, meta: Conn
     }
     let offered = headers::offered_protocols(req.headers());
     let started = Instant::now();
-    let (upstream_response, upstream_upgrade) = match open_upstream(&req, &shared, &meta, &offered).await {
+    let (upstream_response, upstream_upgrade) = match open_upstream(&req, &shared, &settings, &meta, &offered).await {
         Ok(ok) => ok,
         Err(failure) => return refuse(failure, &shared),
     };
@@ -74,8 +79,9 @@ pub async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, meta: Conn
     let client_upgrade = hyper::upgrade::on(&mut req);
     let path = super::loggable_path(req.uri());
     let task_shared = shared.clone();
+    let relay_settings = settings.relay.clone();
     shared.drain.spawn(async move {
-        relay_task(client_upgrade, upstream_upgrade, task_shared, meta, path).await;
+        relay_task(client_upgrade, upstream_upgrade, task_shared, relay_settings, meta, path).await;
     });
     response
 }
@@ -84,10 +90,11 @@ pub async fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, meta: Conn
 async fn open_upstream(
     req: &Request<Incoming>,
     shared: &Shared,
+    settings: &Settings,
     meta: &ConnMeta,
     offered: &[String],
 ) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
-    let upstream = &shared.config.upstream;
+    let upstream = &settings.config.upstream;
     let tcp = match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(&upstream.authority)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
@@ -155,8 +162,16 @@ fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
     text(status, body)
 }
 
-/// Waits for both upgrades, relays, and reports the ending.
-async fn relay_task(client: OnUpgrade, upstream: OnUpgrade, shared: Arc<Shared>, meta: ConnMeta, path: String) {
+/// Waits for both upgrades, relays under the settings the upgrade started with, and reports the
+/// ending.
+async fn relay_task(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    shared: Arc<Shared>,
+    settings: Arc<RelaySettings>,
+    meta: ConnMeta,
+    path: String,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -172,7 +187,7 @@ async fn relay_task(client: OnUpgrade, upstream: OnUpgrade, shared: Arc<Shared>,
     metrics.connections_active.inc();
     let guard = shared.connections.open(meta.peer, path);
     let conn = &guard.info;
-    let outcome = relay::run(client, upstream, &shared.relay, metrics, conn, shared.drain.closing_token()).await;
+    let outcome = relay::run(client, upstream, &settings, metrics, conn, shared.drain.closing_token()).await;
     let duration = conn.started.elapsed();
     // The ending is recorded before the gauge drops, so a scrape that sees no active connection
     // also sees every ending.

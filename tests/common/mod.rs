@@ -2,6 +2,8 @@
 //! a scriptable WebSocket upstream, a TLS WebSocket client, and metric scraping.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
