@@ -229,11 +229,18 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             eprintln!("configuration OK");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprint!("{e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => refused(&e),
     }
+}
+
+/// Prints why the configuration was refused, after the variables that were not read (one of
+/// them may be the reason).
+fn refused(e: &wskeep::config::ConfigError) -> ExitCode {
+    for warning in wskeep::config::variable_warnings() {
+        eprintln!("warning: {warning}");
+    }
+    eprint!("{e}");
+    ExitCode::FAILURE
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -244,10 +251,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn run(path: Option<PathBuf>) -> ExitCode {
     let config = match Config::load(path.as_deref()) {
         Ok(config) => config,
-        Err(e) => {
-            eprint!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return refused(&e),
     };
     wskeep::telemetry::init(&config.log);
     raise_fd_limit();

@@ -251,6 +251,73 @@ fn variables_without_a_section_separator_are_ignored() {
 }
 
 #[test]
+fn an_unknown_key_from_the_environment_names_the_variable() {
+    let run = check_text(VALID, &[("WSKEEP_UPSTREAM__URLL", "ws://127.0.0.1:9100")]);
+    assert_problem(
+        &run,
+        "upstream.urll",
+        "unknown key (set by WSKEEP_UPSTREAM__URLL); did you mean WSKEEP_UPSTREAM__URL?",
+    );
+    // A bad value names its variable too.
+    let run = check_text(VALID, &[("WSKEEP_LISTEN__ADDR", "localhost:8443")]);
+    assert_problem(&run, "listen.addr", "(set by WSKEEP_LISTEN__ADDR)");
+}
+
+#[test]
+fn a_variable_with_one_underscore_is_warned_about() {
+    let warning = "WSKEEP_UPSTREAM_URL is ignored: configuration variables separate the section and the key with \
+                   two underscores (write WSKEEP_UPSTREAM__URL)";
+    let env = [("WSKEEP_UPSTREAM_URL", "ws://127.0.0.1:9100"), ("WSKEEP_PORT", "tcp://10.0.0.1:8443")];
+    let run = check_text(VALID, &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains(warning), "{}", run.stderr);
+    assert!(!run.stderr.contains("WSKEEP_PORT"), "Kubernetes' variables are not warned about: {}", run.stderr);
+    // Also when the configuration is refused: the misspelt variable may be why.
+    let run = check_text("[upstream]\nurl = \"wss://x:1\"\n", &env);
+    assert_problem(&run, "upstream.url", "TLS");
+    assert!(run.stderr.contains(warning), "{}", run.stderr);
+}
+
+#[test]
+fn a_toml_syntax_error_names_the_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "wskeep.toml",
+        "[upstream]\nurl = \"ws://127.0.0.1:9000\"\n[limits]\nmax_message_size = 1 MiB\n",
+    );
+    let run = wskeep_check(&["--config", path.to_str().unwrap()], &[]);
+    assert_problem(&run, &format!("{}:4:22", path.display()), "TOML syntax error");
+}
+
+#[test]
+fn messages_show_the_value_and_suggest_the_nearest_name() {
+    let text = "[listen]\naddr = \"localhost:8443\"\nmax_conections = 5\n\
+                [upstream]\nurl = \"unix:///run/orchestrator.sock\"\n\
+                [log]\nformat = \"xml\"\n[shutdwn]\ndrain_timeout = \"5s\"\n";
+    let run = check_text(text, &[]);
+    assert_problem(&run, "listen.addr", "\"localhost:8443\" is not a socket address");
+    assert_problem(&run, "listen.max_conections", "did you mean listen.max_connections?");
+    assert_problem(&run, "upstream.url", "unsupported scheme \"unix\"");
+    assert_problem(&run, "log.format", "\"xml\" is not a log format: use \"json\" or \"text\"");
+    assert_problem(&run, "shutdwn", "did you mean [shutdown]?");
+    assert!(!run.stderr.contains("``"), "{}", run.stderr);
+}
+
+#[test]
+fn run_refuses_a_bad_configuration_with_the_same_list() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wskeep"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WSKEEP_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.arg("run").env("WSKEEP_UPSTREAM__URLL", "ws://127.0.0.1:9100").output().unwrap();
+    let run: Run = out.into();
+    assert_problem(&run, "upstream.urll", "WSKEEP_UPSTREAM__URLL");
+}
+
+#[test]
 fn wskeep_config_names_the_file_when_config_is_absent() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "from-env.toml", "[upstream]\nurl = \"ws://127.0.0.1:9200\"\n");
