@@ -96,6 +96,19 @@ fn a_certificate_without_a_key_is_refused() {
 }
 
 #[test]
+fn an_expired_certificate_is_named_with_its_expiry_time() {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write(dir.path(), "tls.crt", &params.self_signed(&key).unwrap().pem());
+    let key = write(dir.path(), "tls.key", &key.serialize_pem());
+    let run = check_text(&format!("{}{VALID}", tls_lines(&cert, &key)), &[]);
+    assert_problem(&run, "listen.tls_cert", "expired at 2021-01-01T00:00:00Z");
+}
+
+#[test]
 fn a_valid_tls_pair_passes() {
     let cert = common::test_cert();
     let run = check_text(&format!("{}{VALID}", tls_lines(&cert.cert, &cert.key)), &[]);
