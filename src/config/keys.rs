@@ -282,13 +282,18 @@ impl Setting for LogFormat {
 /// A JSON object written as a TOML table (`{ type = "ping" }`).
 impl Setting for Map<String, Json> {
     fn read(value: &Value) -> Result<Self, String> {
-        match value {
-            Value::Dict(..) => value.deserialize().map_err(|e| format!("{} cannot be read: {}", shown(value), e.kind)),
-            _ => Err(format!("{} is not a table: write it like {{ type = \"ping\" }}", shown(value))),
+        let Value::Dict(..) = value else {
+            return Err(format!("{} is not a table: write it like {{ type = \"ping\" }}", shown(value)));
+        };
+        let map: Self = value.deserialize().map_err(|e| format!("{} cannot be read: {}", shown(value), e.kind))?;
+        // nan and inf become JSON null, which neither a peer nor `check`'s output can carry.
+        match toml::Value::try_from(&map) {
+            Ok(_) => Ok(map),
+            Err(_) => Err(format!("{} holds a number JSON cannot carry (nan or inf)", shown(value))),
         }
     }
     fn write(&self) -> Option<toml::Value> {
-        // A table read from TOML holds only what TOML can write back.
+        // `read` let through only tables that TOML can write back.
         toml::Value::try_from(self).ok()
     }
 }

@@ -222,3 +222,10 @@ fn an_unknown_key_from_the_environment_names_the_variable() {
         Ok(())
     });
 }
+
+#[test]
+fn a_json_ping_table_json_cannot_carry_is_refused() {
+    // nan would become JSON null, which `check` could not print back (it used to panic there).
+    assert_eq!(problems("[json_ping]\nmatch = { type = \"ping\", x = nan }"), ["json_ping.match"]);
+    assert_eq!(problems("[json_ping]\nreply = { t = [inf] }"), ["json_ping.reply"]);
+}
