@@ -1,8 +1,10 @@
 //! Configuration: defaults in code, then the TOML file, then `WSKEEP_<SECTION>__<KEY>` variables.
 //!
-//! Loading never stops at the first mistake: every key is read on its own, so a bad file yields
-//! the full list of problems, each with its key path (like `nginx -t`). Cross-field rules
-//! (`validate`) run on the typed result.
+//! Each key is declared once, in `settings!` below: its section, name, type and default (the
+//! macro lives in `keys`). Loading never stops at the first mistake: every key is read on its
+//! own, so a bad file yields the full list of problems, each with its key path (like `nginx -t`)
+//! and, for a value from the environment, the variable that set it. Unknown sections and keys are
+//! errors (`unknown`). Cross-field rules (`validate`) run on the typed result.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -10,113 +12,83 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
-use figment::value::{Dict, Value};
+use figment::value::Dict;
 use figment::Figment;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
 use crate::size::ByteSize;
+
+#[macro_use]
+mod keys;
+mod env;
+mod unknown;
 
 /// The environment variable that names the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "WSKEEP_CONFIG";
 /// Descriptors kept free for the listeners, the admin server, the upstream pool and logging.
 pub const FD_HEADROOM: u64 = 64;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Config {
-    pub listen: Listen,
-    pub upstream: Upstream,
-    pub client_keepalive: ClientKeepalive,
-    pub upstream_keepalive: UpstreamKeepalive,
-    pub json_ping: JsonPing,
-    pub limits: Limits,
-    pub admin: Admin,
-    pub shutdown: Shutdown,
-    pub log: Log,
+settings! {
+    [listen] Listen {
+        addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8443)),
+        tls_cert: Option<PathBuf> = None,
+        tls_key: Option<PathBuf> = None,
+        handshake_timeout: Duration = Duration::from_secs(10),
+        idle_timeout: Duration = Duration::from_secs(60),
+        max_connections: u64 = 10_000,
+    }
+
+    [upstream] Upstream {
+        /// Kept as written for display; `authority` is what connections use.
+        url: String = "ws://127.0.0.1:8080".into(),
+        connect_timeout: Duration = Duration::from_secs(5),
+        response_timeout: Duration = Duration::from_secs(30),
+    }
+    derived {
+        /// `host:port` of `url`, filled by `validate`.
+        authority: String = "127.0.0.1:8080".into(),
+    }
+
+    [client_keepalive] ClientKeepalive {
+        ping_interval: Duration = Duration::from_secs(20),
+        timeout: Duration = Duration::from_secs(60),
+    }
+
+    [upstream_keepalive] UpstreamKeepalive {
+        ping_interval: Duration = Duration::ZERO,
+        pong_interval: Duration = Duration::ZERO,
+        timeout: Duration = Duration::ZERO,
+    }
+
+    [json_ping] JsonPing {
+        enabled: bool = true,
+        match_fields("match"): Map<String, Json> = json_object(&[("type", "ping")]),
+        reply: Map<String, Json> = json_object(&[("type", "pong")]),
+        echo_fields: Vec<String> = vec!["id".into(), "ts".into()],
+        forward: bool = false,
+    }
+
+    [limits] Limits {
+        max_message_size: ByteSize = ByteSize(1 << 20),
+    }
+
+    [admin] Admin {
+        addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 9090)),
+        /// A file holding the secret `/drain` requires (`Authorization: Bearer` or `?token=`).
+        drain_token_file: Option<PathBuf> = None,
+    }
+
+    [shutdown] Shutdown {
+        drain_timeout: Duration = Duration::from_secs(25),
+    }
+
+    [log] Log {
+        format: LogFormat = LogFormat::Json,
+        level: String = "info".into(),
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Listen {
-    pub addr: SocketAddr,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_key: Option<PathBuf>,
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    pub max_connections: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Upstream {
-    /// Kept as written for display; `authority` is what connections use.
-    pub url: String,
-    #[serde(skip)]
-    pub authority: String,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub response_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ClientKeepalive {
-    #[serde(with = "humantime_serde")]
-    pub ping_interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct UpstreamKeepalive {
-    #[serde(with = "humantime_serde")]
-    pub ping_interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub pong_interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct JsonPing {
-    pub enabled: bool,
-    #[serde(rename = "match")]
-    pub match_fields: Map<String, Json>,
-    pub reply: Map<String, Json>,
-    pub echo_fields: Vec<String>,
-    pub forward: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Limits {
-    pub max_message_size: ByteSize,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Admin {
-    pub addr: SocketAddr,
-    /// A file holding the secret `/drain` requires (`Authorization: Bearer` or `?token=`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drain_token_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Shutdown {
-    #[serde(with = "humantime_serde")]
-    pub drain_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Log {
-    pub format: LogFormat,
-    pub level: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
     Text,
@@ -153,47 +125,6 @@ fn json_object(pairs: &[(&str, &str)]) -> Map<String, Json> {
     pairs.iter().map(|(k, v)| (k.to_string(), Json::String(v.to_string()))).collect()
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: Listen {
-                addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
-                tls_cert: None,
-                tls_key: None,
-                handshake_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(60),
-                max_connections: 10_000,
-            },
-            upstream: Upstream {
-                url: "ws://127.0.0.1:8080".into(),
-                authority: "127.0.0.1:8080".into(),
-                connect_timeout: Duration::from_secs(5),
-                response_timeout: Duration::from_secs(30),
-            },
-            client_keepalive: ClientKeepalive {
-                ping_interval: Duration::from_secs(20),
-                timeout: Duration::from_secs(60),
-            },
-            upstream_keepalive: UpstreamKeepalive {
-                ping_interval: Duration::ZERO,
-                pong_interval: Duration::ZERO,
-                timeout: Duration::ZERO,
-            },
-            json_ping: JsonPing {
-                enabled: true,
-                match_fields: json_object(&[("type", "ping")]),
-                reply: json_object(&[("type", "pong")]),
-                echo_fields: vec!["id".into(), "ts".into()],
-                forward: false,
-            },
-            limits: Limits { max_message_size: ByteSize(1 << 20) },
-            admin: Admin { addr: SocketAddr::from(([0, 0, 0, 0], 9090)), drain_token_file: None },
-            shutdown: Shutdown { drain_timeout: Duration::from_secs(25) },
-            log: Log { format: LogFormat::Json, level: "info".into() },
-        }
-    }
-}
-
 // === impl Config ===
 
 impl Config {
@@ -201,77 +132,42 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError(vec![Problem {
-                    key: "--config".into(),
-                    message: format!("{} is not a readable file", path.display()),
-                }]));
-            }
-            figment = figment.merge(Toml::file_exact(path));
+            let text = read_file(path).map_err(|p| ConfigError(vec![p]))?;
+            figment = figment.merge(Toml::string(&text));
         }
         // Only `SECTION__KEY` variables are configuration: WSKEEP_CONFIG names the file, and
         // Kubernetes injects WSKEEP_PORT and friends for a Service named wskeep.
-        figment = figment.merge(Env::prefixed("WSKEEP_").filter(|k| k.as_str().contains("__")).split("__"));
-        Self::from_figment(&figment)
+        figment = figment.merge(Env::prefixed(env::PREFIX).filter(|k| k.as_str().contains("__")).split("__"));
+        Self::from_figment(&figment, &env::configuration_variables(std::env::vars_os()))
     }
 
     /// Reads a TOML document (defaults underneath), without the environment. For tests and fuzzing.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(&Figment::from(Toml::string(text)))
+        check_syntax(text, "<toml>").map_err(|p| ConfigError(vec![p]))?;
+        Self::from_figment(&Figment::from(Toml::string(text)), &[])
     }
 
-    fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
-        let dict: Dict = figment
-            .extract()
-            .map_err(|e| ConfigError(vec![Problem { key: e.path.join("."), message: e.kind.to_string() }]))?;
-        let mut r = Reader::new(&dict);
-        let d = Config::default();
-        let mut config = Config {
-            listen: Listen {
-                addr: r.get("listen", "addr", d.listen.addr),
-                tls_cert: r.get("listen", "tls_cert", d.listen.tls_cert),
-                tls_key: r.get("listen", "tls_key", d.listen.tls_key),
-                handshake_timeout: r.duration("listen", "handshake_timeout", d.listen.handshake_timeout),
-                idle_timeout: r.duration("listen", "idle_timeout", d.listen.idle_timeout),
-                max_connections: r.get("listen", "max_connections", d.listen.max_connections),
-            },
-            upstream: Upstream {
-                url: r.get("upstream", "url", d.upstream.url),
-                authority: String::new(),
-                connect_timeout: r.duration("upstream", "connect_timeout", d.upstream.connect_timeout),
-                response_timeout: r.duration("upstream", "response_timeout", d.upstream.response_timeout),
-            },
-            client_keepalive: ClientKeepalive {
-                ping_interval: r.duration("client_keepalive", "ping_interval", d.client_keepalive.ping_interval),
-                timeout: r.duration("client_keepalive", "timeout", d.client_keepalive.timeout),
-            },
-            upstream_keepalive: UpstreamKeepalive {
-                ping_interval: r.duration("upstream_keepalive", "ping_interval", d.upstream_keepalive.ping_interval),
-                pong_interval: r.duration("upstream_keepalive", "pong_interval", d.upstream_keepalive.pong_interval),
-                timeout: r.duration("upstream_keepalive", "timeout", d.upstream_keepalive.timeout),
-            },
-            json_ping: JsonPing {
-                enabled: r.get("json_ping", "enabled", d.json_ping.enabled),
-                match_fields: r.get("json_ping", "match", d.json_ping.match_fields),
-                reply: r.get("json_ping", "reply", d.json_ping.reply),
-                echo_fields: r.get("json_ping", "echo_fields", d.json_ping.echo_fields),
-                forward: r.get("json_ping", "forward", d.json_ping.forward),
-            },
-            limits: Limits { max_message_size: r.get("limits", "max_message_size", d.limits.max_message_size) },
-            admin: Admin {
-                addr: r.get("admin", "addr", d.admin.addr),
-                drain_token_file: r.get("admin", "drain_token_file", d.admin.drain_token_file),
-            },
-            shutdown: Shutdown { drain_timeout: r.duration("shutdown", "drain_timeout", d.shutdown.drain_timeout) },
-            log: Log { format: r.get("log", "format", d.log.format), level: r.get("log", "level", d.log.level) },
-        };
-        let mut problems = r.finish();
+    fn from_figment(figment: &Figment, origins: &unknown::Origins) -> Result<Config, ConfigError> {
+        let dict: Dict = figment.extract().map_err(|e| {
+            let key = if e.path.is_empty() { "configuration".to_string() } else { e.path.join(".") };
+            ConfigError(vec![Problem { key, message: e.kind.to_string() }])
+        })?;
+        let mut problems = Vec::new();
+        let mut config = Config::read_keys(&dict, &mut problems);
+        problems.extend(unknown::unknown(&dict, origins));
         problems.extend(config.validate());
         if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError(problems))
+            return Ok(config);
         }
+        // Name the variable to fix when a value came from the environment (unknown keys say so
+        // already, with the variable to write instead).
+        for p in &mut problems {
+            let variables = unknown::variables_under(origins, &p.key);
+            if !variables.is_empty() && !p.message.contains(variables[0]) {
+                p.message = format!("{} (set by {})", p.message, variables.join(", "));
+            }
+        }
+        Err(ConfigError(problems))
     }
 
     /// Cross-field and environment rules; also fills derived fields (`upstream.authority`).
@@ -324,7 +220,9 @@ impl Config {
             bad(
                 "client_keepalive.timeout",
                 format!(
-                    "must be longer than client_keepalive.ping_interval ({}), or the client cannot answer in time",
+                    "\"{}\" must be longer than client_keepalive.ping_interval (\"{}\"), or the client cannot \
+                     answer in time",
+                    humantime::format_duration(ck.timeout),
                     humantime::format_duration(ck.ping_interval)
                 ),
             );
@@ -334,7 +232,8 @@ impl Config {
             bad(
                 "upstream_keepalive.timeout",
                 format!(
-                    "must be longer than upstream_keepalive.ping_interval ({})",
+                    "\"{}\" must be longer than upstream_keepalive.ping_interval (\"{}\")",
+                    humantime::format_duration(uk.timeout),
                     humantime::format_duration(uk.ping_interval)
                 ),
             );
@@ -351,10 +250,10 @@ impl Config {
         if max == 0 {
             bad("limits.max_message_size", "must be above 0".into());
         } else if max > 1 << 30 {
-            bad("limits.max_message_size", "must be at most 1GiB".into());
+            bad("limits.max_message_size", format!("\"{}\" must be at most 1GiB", self.limits.max_message_size));
         }
         if self.admin.addr == self.listen.addr && self.admin.addr.port() != 0 {
-            bad("admin.addr", format!("must differ from listen.addr ({})", self.listen.addr));
+            bad("admin.addr", format!("\"{}\" must differ from listen.addr", self.admin.addr));
         }
         if let Some(path) = &self.admin.drain_token_file {
             if let Err(e) = read_drain_token(path) {
@@ -369,10 +268,10 @@ impl Config {
         if let Some(word) = bare {
             bad(
                 "log.level",
-                format!("`{word}` is not a level (off, error, warn, info, debug, trace); filters are `target=level`"),
+                format!("{word:?} is not a level (off, error, warn, info, debug, trace); filters are target=level"),
             );
         } else if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
-            bad("log.level", format!("not a level or filter: {e}"));
+            bad("log.level", format!("{:?} is not a level or filter: {e}", self.log.level));
         }
         p
     }
@@ -385,7 +284,7 @@ impl Config {
 
     /// Warnings that do not stop wskeep (printed by `check` and logged by `run`).
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
+        let mut w = variable_warnings();
         if let Some(limit) = fd_hard_limit() {
             let need = 2 * self.listen.max_connections + FD_HEADROOM;
             if need > limit {
@@ -402,19 +301,30 @@ impl Config {
     }
 }
 
+/// `WSKEEP_` variables that look like configuration but are not read (`WSKEEP_UPSTREAM_URL`);
+/// `check` and `run` print these even when the configuration is refused.
+pub fn variable_warnings() -> Vec<String> {
+    env::misspelled_variables(std::env::vars_os())
+}
+
 /// Accepts `ws://host:port` or `http://host:port` (the port defaults to 80) with no path.
 fn parse_upstream_url(url: &str) -> Result<String, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("ws") | Some("http") => {}
-        Some("wss") | Some("https") => {
-            return Err(format!("`{url}`: TLS to the upstream is not supported; wskeep runs beside it (use ws://)"))
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(format!("{url:?} has no scheme: write it like \"ws://127.0.0.1:8080\""));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => {}
+        "wss" | "https" => {
+            return Err(format!("{url:?}: TLS to the upstream is not supported; wskeep runs beside it (use ws://)"))
         }
-        _ => return Err(format!("`{url}` must start with ws:// (or http://)")),
+        _ => {
+            return Err(format!("{url:?}: unsupported scheme {scheme:?}; the upstream is ws://host:port (or http://)"))
+        }
     }
-    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("`{url}` has no host"))?;
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("{url:?} has no host"))?;
     if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
-        return Err(format!("`{url}` must not have a path or query: the client's own path is forwarded"));
+        return Err(format!("{url:?} must not have a path or query: the client's own path is forwarded"));
     }
     Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
 }
@@ -438,59 +348,32 @@ pub fn fd_hard_limit() -> Option<u64> {
     }
 }
 
-/// Reads each key on its own so that one bad value does not hide the next.
-struct Reader<'a> {
-    dict: &'a Dict,
-    known: Vec<(&'static str, &'static str)>,
-    problems: Vec<Problem>,
+/// Reads the configuration file; a problem names the file (and the line and column of a TOML
+/// syntax error).
+fn read_file(path: &Path) -> Result<String, Problem> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => "does not exist".to_string(),
+            _ if path.is_dir() => "is a directory, not a file".to_string(),
+            _ => format!("cannot be read: {e}"),
+        };
+        Problem { key: "--config".into(), message: format!("{} {why}", path.display()) }
+    })?;
+    check_syntax(&text, &path.display().to_string())?;
+    Ok(text)
 }
 
-impl<'a> Reader<'a> {
-    fn new(dict: &'a Dict) -> Self {
-        Reader { dict, known: Vec::new(), problems: Vec::new() }
-    }
-
-    fn get<T: DeserializeOwned>(&mut self, section: &'static str, key: &'static str, default: T) -> T {
-        self.known.push((section, key));
-        let Some(Value::Dict(_, table)) = self.dict.get(section) else { return default };
-        let Some(value) = table.get(key) else { return default };
-        match value.deserialize::<T>() {
-            Ok(v) => v,
-            Err(e) => {
-                self.problems.push(Problem { key: format!("{section}.{key}"), message: e.kind.to_string() });
-                default
-            }
-        }
-    }
-
-    fn duration(&mut self, section: &'static str, key: &'static str, default: Duration) -> Duration {
-        self.get(section, key, humantime_serde::Serde::from(default)).into_inner()
-    }
-
-    /// Reports sections and keys that no `get` asked for.
-    fn finish(mut self) -> Vec<Problem> {
-        for (section, value) in self.dict {
-            let Value::Dict(_, table) = value else {
-                let message = if self.known.iter().any(|(s, _)| s == section) {
-                    "must be a table".to_string()
-                } else {
-                    "unknown section".to_string()
-                };
-                self.problems.push(Problem { key: section.clone(), message });
-                continue;
-            };
-            if !self.known.iter().any(|(s, _)| s == section) {
-                self.problems.push(Problem { key: section.clone(), message: "unknown section".into() });
-                continue;
-            }
-            for key in table.keys() {
-                if !self.known.iter().any(|(s, k)| s == section && k == key) {
-                    self.problems.push(Problem { key: format!("{section}.{key}"), message: "unknown key".into() });
-                }
-            }
-        }
-        self.problems
-    }
+/// A TOML syntax error as `FILE:LINE:COLUMN: message`, the way compilers point at a mistake.
+fn check_syntax(text: &str, origin: &str) -> Result<(), Problem> {
+    let Err(e) = text.parse::<toml::Table>() else { return Ok(()) };
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    Err(Problem {
+        key: format!("{origin}:{line}:{column}"),
+        message: format!("TOML syntax error: {}", e.message().trim()),
+    })
 }
 
 #[cfg(test)]

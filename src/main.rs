@@ -14,17 +14,24 @@ mod generate;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    // Not `global`: probe, bench and demo read no configuration, and their help says so.
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
     /// Configuration file (TOML); falls back to $WSKEEP_CONFIG
-    #[arg(long, global = true)]
+    #[arg(long)]
     config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar (the default)
-    Run,
+    Run(ConfigArg),
     /// Validate the configuration and print the effective configuration
-    Check,
+    Check(ConfigArg),
     /// Side-by-side demonstration: a JSON-ping-only client, directly and through wskeep
     Demo,
     /// Connection-stability probe: how long does a connection live, and how does it end?
@@ -41,14 +48,14 @@ struct ProbeArgs {
     /// Accept any server certificate
     #[arg(long)]
     insecure: bool,
-    /// Trust this PEM bundle instead of the system roots
-    #[arg(long)]
+    /// Trust this PEM bundle (the CA that issued the server's certificate) instead of the system roots
+    #[arg(long, value_name = "FILE")]
     cacert: Option<PathBuf>,
     /// Extra request header, K:V (repeatable)
     #[arg(long = "header", value_name = "K:V")]
     headers: Vec<String>,
     /// Send {"type":"ping"} this often (e.g. 25s)
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     json_ping: Option<std::time::Duration>,
     /// Never answer protocol pings
     #[arg(long)]
@@ -78,8 +85,8 @@ enum BenchCommand {
         duration: std::time::Duration,
         #[arg(long)]
         binary: bool,
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Round-trip percentiles at a fixed aggregate rate
     Latency {
@@ -92,8 +99,8 @@ enum BenchCommand {
         duration: std::time::Duration,
         #[arg(long, default_value_t = 64)]
         size: usize,
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Many idle connections: handshake rate, then hold them (answering pings)
     Idle {
@@ -105,13 +112,31 @@ enum BenchCommand {
         /// Handshakes in flight at once
         #[arg(long, default_value_t = 64)]
         parallel: usize,
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
 }
 
-fn config_path(cli: &Cli) -> Option<PathBuf> {
-    cli.config.clone().or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
+/// How bench checks a wss:// server's certificate.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Accept any server certificate
+    #[arg(long)]
+    insecure: bool,
+    /// Trust this PEM bundle (the CA that issued the server's certificate) instead of the system roots
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn common(self, url: String) -> wskeep::tools::bench::Common {
+        wskeep::tools::bench::Common { url, insecure: self.insecure, ca_file: self.cacert }
+    }
+}
+
+/// `wskeep run --config F`, `wskeep --config F [run]`, else `$WSKEEP_CONFIG`.
+fn config_path(command: Option<ConfigArg>, top: ConfigArg) -> Option<PathBuf> {
+    command.and_then(|c| c.config).or(top.config).or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
 }
 
 fn main() -> ExitCode {
@@ -122,8 +147,9 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        None | Some(Command::Run) => run(config_path(&cli)),
-        Some(Command::Check) => check(config_path(&cli)),
+        None => run(config_path(None, cli.config)),
+        Some(Command::Run(arg)) => run(config_path(Some(arg), cli.config)),
+        Some(Command::Check(arg)) => check(config_path(Some(arg), cli.config)),
         Some(Command::Demo) => demo(),
         Some(Command::Probe(args)) => probe(args),
         Some(Command::Bench(BenchCommand::Echo { listen })) => echo(listen),
@@ -186,15 +212,15 @@ fn bench(scenario: BenchCommand) -> ExitCode {
     use wskeep::tools::bench;
     let result = runtime().block_on(async move {
         match scenario {
-            BenchCommand::Throughput { url, conns, size, window, duration, binary, insecure } => {
-                bench::throughput(&bench::Common { url, insecure }, conns, size, window, duration, binary).await
+            BenchCommand::Throughput { url, conns, size, window, duration, binary, tls } => {
+                bench::throughput(&tls.common(url), conns, size, window, duration, binary).await
             }
-            BenchCommand::Latency { url, conns, rate, duration, size, insecure } => {
-                bench::latency(&bench::Common { url, insecure }, conns, rate, duration, size).await
+            BenchCommand::Latency { url, conns, rate, duration, size, tls } => {
+                bench::latency(&tls.common(url), conns, rate, duration, size).await
             }
-            BenchCommand::Idle { url, conns, hold, parallel, insecure } => {
+            BenchCommand::Idle { url, conns, hold, parallel, tls } => {
                 raise_fd_limit();
-                bench::idle(&bench::Common { url, insecure }, conns, hold, parallel).await
+                bench::idle(&tls.common(url), conns, hold, parallel).await
             }
             BenchCommand::Echo { .. } => unreachable!("handled by echo()"),
         }
@@ -237,11 +263,18 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             eprintln!("configuration OK");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprint!("{e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => refused(&e),
     }
+}
+
+/// Prints why the configuration was refused, after the variables that were not read (one of
+/// them may be the reason).
+fn refused(e: &wskeep::config::ConfigError) -> ExitCode {
+    for warning in wskeep::config::variable_warnings() {
+        eprintln!("warning: {warning}");
+    }
+    eprint!("{e}");
+    ExitCode::FAILURE
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -252,10 +285,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn run(path: Option<PathBuf>) -> ExitCode {
     let config = match Config::load(path.as_deref()) {
         Ok(config) => config,
-        Err(e) => {
-            eprint!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return refused(&e),
     };
     wskeep::telemetry::init(&config.log);
     raise_fd_limit();

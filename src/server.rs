@@ -72,6 +72,11 @@ impl Server {
             (Some(cert), Some(key)) => {
                 let pair = tls::load_pair(cert, key)?;
                 metrics.tls_cert_not_after.set(pair.not_after);
+                tracing::info!(
+                    cert = %cert.display(),
+                    not_after = %crate::telemetry::rfc3339(pair.not_after),
+                    "TLS certificate loaded"
+                );
                 let resolver = Arc::new(CertResolver::new(&pair, cert, key));
                 Some((TlsAcceptor::from(tls::server_config(resolver.clone())), resolver))
             }
@@ -211,12 +216,16 @@ async fn serve_connection(
             Ok(Ok(tls)) => Either::Left(tls),
             Ok(Err(e)) => {
                 shared.metrics.tls_handshake_failures.inc();
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                crate::telemetry::tls_handshake_failure(peer, &e.to_string());
                 return;
             }
             Err(_) => {
                 shared.metrics.tls_handshake_failures.inc();
-                tracing::debug!(%peer, "TLS handshake timed out");
+                let reason = format!(
+                    "no handshake within listen.handshake_timeout ({})",
+                    humantime::format_duration(handshake_timeout)
+                );
+                crate::telemetry::tls_handshake_failure(peer, &reason);
                 return;
             }
         },

@@ -1,9 +1,13 @@
 //! Logging: the subscriber (JSON or text, level from `[log]`), the one line every connection
-//! ends with, and rate-limited upgrade-failure lines (an attack must not flood the log).
+//! ends with, and rate-limited failure lines (upgrades, TLS handshakes, plain-HTTP 502/504: an
+//! attack or a dead upstream must not flood the log).
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tracing_subscriber::EnvFilter;
 
@@ -20,7 +24,8 @@ static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
 /// Installs the global subscriber; logs go to stderr. Safe to call more than once (tests).
 pub fn init(log: &Log) {
     let filter = EnvFilter::builder().parse_lossy(&log.level);
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let colour = use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(colour);
     let _ = match log.format {
         LogFormat::Json => {
             let builder = builder.json().flatten_event(true).with_current_span(false);
@@ -43,6 +48,22 @@ pub fn set_level(level: &str) {
             tracing::warn!(error = %e, "cannot apply the new log.level");
         }
     }
+}
+
+/// Colour codes only for a person at a terminal: files, journald and `kubectl logs` get plain
+/// text, and a set `NO_COLOR` (<https://no-color.org>) turns colour off there too.
+fn use_colour(terminal: bool, no_color: Option<OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// A time as RFC 3339 in UTC (`2031-05-17T00:00:00Z`), for log fields that would otherwise be
+/// epoch seconds.
+pub fn rfc3339(unix_seconds: i64) -> String {
+    let time = match u64::try_from(unix_seconds) {
+        Ok(s) => UNIX_EPOCH + Duration::from_secs(s),
+        Err(_) => UNIX_EPOCH - Duration::from_secs(unix_seconds.unsigned_abs()),
+    };
+    humantime::format_rfc3339_seconds(time).to_string()
 }
 
 fn ms(d: Option<Duration>) -> Option<f64> {
@@ -80,34 +101,89 @@ pub fn connection_closed(conn: &ConnInfo, outcome: &Outcome, duration: Duration)
     );
 }
 
-/// One line per reason per window; the lines in between are counted and reported with the next.
+/// One line per kind per window; the lines in between are counted and reported with the next.
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
 
-struct Limiter {
-    /// Milliseconds since `epoch` at which the last line for each reason was written (0: never).
-    last: [AtomicU64; 5],
-    suppressed: [AtomicU64; 5],
-    epoch: Instant,
+/// Lets one line of a kind through per `FAILURE_LOG_WINDOW`, counting the ones it holds back.
+struct Throttle {
+    /// Milliseconds since `epoch()` at which the last line was written (0: never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
 }
 
-fn limiter() -> &'static Limiter {
-    static LIMITER: OnceLock<Limiter> = OnceLock::new();
-    LIMITER.get_or_init(|| Limiter { last: Default::default(), suppressed: Default::default(), epoch: Instant::now() })
+impl Throttle {
+    const fn new() -> Self {
+        Throttle { last: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be written now.
+    fn admit(&self) -> Option<u64> {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let now = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Relaxed);
+        let window = FAILURE_LOG_WINDOW.as_millis() as u64;
+        if last != 0 && now.saturating_sub(last) < window
+            || self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err()
+        {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Relaxed))
+    }
 }
 
 /// Logs why an upgrade failed, at most once per reason per window.
 pub fn upgrade_failure(reason: UpgradeFailure, detail: &str) {
-    let l = limiter();
+    static THROTTLES: [Throttle; UpgradeFailure::ALL.len()] = [const { Throttle::new() }; UpgradeFailure::ALL.len()];
     let i = UpgradeFailure::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-    let now = l.epoch.elapsed().as_millis() as u64 + 1;
-    let last = l.last[i].load(Relaxed);
-    let window = FAILURE_LOG_WINDOW.as_millis() as u64;
-    if last != 0 && now.saturating_sub(last) < window
-        || l.last[i].compare_exchange(last, now, Relaxed, Relaxed).is_err()
-    {
-        l.suppressed[i].fetch_add(1, Relaxed);
-        return;
+    if let Some(suppressed) = THROTTLES[i].admit() {
+        tracing::warn!(reason = reason.as_str(), detail, suppressed, "upgrade failed");
     }
-    let suppressed = l.suppressed[i].swap(0, Relaxed);
-    tracing::warn!(reason = reason.as_str(), detail, suppressed, "upgrade failed");
+}
+
+/// Logs a failed or timed-out TLS handshake with the peer and the reason, at most once per window.
+pub fn tls_handshake_failure(peer: SocketAddr, reason: &str) {
+    static THROTTLE: Throttle = Throttle::new();
+    if let Some(suppressed) = THROTTLE.admit() {
+        tracing::warn!(%peer, reason, suppressed, "TLS handshake failed");
+    }
+}
+
+/// Logs a plain-HTTP request answered 502 or 504 because of the upstream, at most once per
+/// status per window (`reason` as in `upgrade_failures_total`, the path without its query).
+pub fn http_failure(status: u16, reason: UpgradeFailure, peer: SocketAddr, path: &str, detail: &str) {
+    static THROTTLES: [Throttle; 2] = [const { Throttle::new() }; 2];
+    if let Some(suppressed) = THROTTLES[usize::from(status == 504)].admit() {
+        tracing::warn!(status, reason = reason.as_str(), %peer, path, detail, suppressed, "upstream HTTP request failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(true, Some("1".into())));
+        // NO_COLOR="" counts as unset (no-color.org).
+        assert!(use_colour(true, Some("".into())));
+        assert!(!use_colour(false, Some("".into())));
+    }
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_952_035_200), "2031-11-10T00:00:00Z");
+    }
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_window_and_counts_the_rest() {
+        let t = Throttle::new();
+        assert_eq!(t.admit(), Some(0));
+        assert_eq!(t.admit(), None);
+        assert_eq!(t.admit(), None);
+        assert_eq!(t.suppressed.load(Relaxed), 2);
+    }
 }

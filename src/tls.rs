@@ -32,8 +32,8 @@ pub enum TlsError {
     KeyInvalid(PathBuf, String),
     #[error("private key {key} does not match certificate {cert}")]
     Mismatch { cert: PathBuf, key: PathBuf },
-    #[error("certificate {0} has expired")]
-    Expired(PathBuf),
+    #[error("certificate {0} expired at {at}", at = crate::telemetry::rfc3339(*.1))]
+    Expired(PathBuf, i64),
 }
 
 impl TlsError {
@@ -76,7 +76,7 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<LoadedPair, TlsErr
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     if not_after <= now {
-        return Err(TlsError::Expired(cert_path.into()));
+        return Err(TlsError::Expired(cert_path.into(), not_after));
     }
     Ok(LoadedPair { key: Arc::new(certified), not_after })
 }
@@ -144,7 +144,7 @@ impl CertResolver {
         self.swap(pair.key);
         metrics.tls_cert_reloads.inc();
         metrics.tls_cert_not_after.set(pair.not_after);
-        tracing::info!(cert = %source.cert.display(), not_after = pair.not_after, "TLS certificate reloaded");
+        tracing::info!(cert = %source.cert.display(), not_after = %crate::telemetry::rfc3339(pair.not_after), "TLS certificate reloaded");
         Ok(())
     }
 }

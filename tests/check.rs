@@ -96,6 +96,19 @@ fn a_certificate_without_a_key_is_refused() {
 }
 
 #[test]
+fn an_expired_certificate_is_named_with_its_expiry_time() {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write(dir.path(), "tls.crt", &params.self_signed(&key).unwrap().pem());
+    let key = write(dir.path(), "tls.key", &key.serialize_pem());
+    let run = check_text(&format!("{}{VALID}", tls_lines(&cert, &key)), &[]);
+    assert_problem(&run, "listen.tls_cert", "expired at 2021-01-01T00:00:00Z");
+}
+
+#[test]
 fn a_valid_tls_pair_passes() {
     let cert = common::test_cert();
     let run = check_text(&format!("{}{VALID}", tls_lines(&cert.cert, &cert.key)), &[]);
@@ -248,6 +261,73 @@ fn variables_without_a_section_separator_are_ignored() {
     let run = check_text(VALID, &env);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(!run.stdout.contains("1234"), "{}", run.stdout);
+}
+
+#[test]
+fn an_unknown_key_from_the_environment_names_the_variable() {
+    let run = check_text(VALID, &[("WSKEEP_UPSTREAM__URLL", "ws://127.0.0.1:9100")]);
+    assert_problem(
+        &run,
+        "upstream.urll",
+        "unknown key (set by WSKEEP_UPSTREAM__URLL); did you mean WSKEEP_UPSTREAM__URL?",
+    );
+    // A bad value names its variable too.
+    let run = check_text(VALID, &[("WSKEEP_LISTEN__ADDR", "localhost:8443")]);
+    assert_problem(&run, "listen.addr", "(set by WSKEEP_LISTEN__ADDR)");
+}
+
+#[test]
+fn a_variable_with_one_underscore_is_warned_about() {
+    let warning = "WSKEEP_UPSTREAM_URL is ignored: configuration variables separate the section and the key with \
+                   two underscores (write WSKEEP_UPSTREAM__URL)";
+    let env = [("WSKEEP_UPSTREAM_URL", "ws://127.0.0.1:9100"), ("WSKEEP_PORT", "tcp://10.0.0.1:8443")];
+    let run = check_text(VALID, &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains(warning), "{}", run.stderr);
+    assert!(!run.stderr.contains("WSKEEP_PORT"), "Kubernetes' variables are not warned about: {}", run.stderr);
+    // Also when the configuration is refused: the misspelt variable may be why.
+    let run = check_text("[upstream]\nurl = \"wss://x:1\"\n", &env);
+    assert_problem(&run, "upstream.url", "TLS");
+    assert!(run.stderr.contains(warning), "{}", run.stderr);
+}
+
+#[test]
+fn a_toml_syntax_error_names_the_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "wskeep.toml",
+        "[upstream]\nurl = \"ws://127.0.0.1:9000\"\n[limits]\nmax_message_size = 1 MiB\n",
+    );
+    let run = wskeep_check(&["--config", path.to_str().unwrap()], &[]);
+    assert_problem(&run, &format!("{}:4:22", path.display()), "TOML syntax error");
+}
+
+#[test]
+fn messages_show_the_value_and_suggest_the_nearest_name() {
+    let text = "[listen]\naddr = \"localhost:8443\"\nmax_conections = 5\n\
+                [upstream]\nurl = \"unix:///run/orchestrator.sock\"\n\
+                [log]\nformat = \"xml\"\n[shutdwn]\ndrain_timeout = \"5s\"\n";
+    let run = check_text(text, &[]);
+    assert_problem(&run, "listen.addr", "\"localhost:8443\" is not a socket address");
+    assert_problem(&run, "listen.max_conections", "did you mean listen.max_connections?");
+    assert_problem(&run, "upstream.url", "unsupported scheme \"unix\"");
+    assert_problem(&run, "log.format", "\"xml\" is not a log format: use \"json\" or \"text\"");
+    assert_problem(&run, "shutdwn", "did you mean [shutdown]?");
+    assert!(!run.stderr.contains("``"), "{}", run.stderr);
+}
+
+#[test]
+fn run_refuses_a_bad_configuration_with_the_same_list() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wskeep"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WSKEEP_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.arg("run").env("WSKEEP_UPSTREAM__URLL", "ws://127.0.0.1:9100").output().unwrap();
+    let run: Run = out.into();
+    assert_problem(&run, "upstream.urll", "WSKEEP_UPSTREAM__URLL");
 }
 
 #[test]

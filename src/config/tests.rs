@@ -97,3 +97,135 @@ fn a_bad_environment_value_names_its_key() {
         Ok(())
     });
 }
+
+/// The problem lines as `check` prints them.
+fn messages(text: &str) -> Vec<String> {
+    match Config::from_toml(text) {
+        Ok(_) => Vec::new(),
+        Err(ConfigError(p)) => p.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+#[test]
+fn every_declared_key_is_read_and_printed() {
+    // A value no key accepts, for every declared key: each must be reported at its own path.
+    let mut text = String::new();
+    for (section, keys) in KEYS {
+        text.push_str(&format!("[{section}]\n"));
+        for key in *keys {
+            text.push_str(&format!("{key} = [1]\n"));
+        }
+    }
+    let keys = problems(&text);
+    for (section, declared) in KEYS {
+        for key in *declared {
+            let path = format!("{section}.{key}");
+            assert!(keys.contains(&path), "{path} is not read: {keys:?}");
+        }
+    }
+    // And every key with a value is printed, in a form that reads back the same.
+    let printed = Config::default().to_toml();
+    let table: toml::Table = printed.parse().unwrap();
+    for (section, declared) in KEYS {
+        for key in declared.iter().filter(|k| !k.starts_with("tls_")) {
+            assert!(table[*section].get(*key).is_some(), "{section}.{key} missing from\n{printed}");
+        }
+    }
+    assert_eq!(Config::from_toml(&printed).unwrap().to_toml(), printed);
+}
+
+#[test]
+fn problems_show_the_offending_value() {
+    let m = messages("[listen]\naddr = \"localhost:8443\"\nmax_connections = -3\n[upstream]\nconnect_timeout = 5");
+    assert!(m.iter().any(|l| l.starts_with("listen.addr: \"localhost:8443\" is not a socket address")), "{m:?}");
+    assert!(m.iter().any(|l| l.starts_with("listen.max_connections: -3 is not a whole number")), "{m:?}");
+    assert!(m.iter().any(|l| l.starts_with("upstream.connect_timeout: 5 is not a duration")), "{m:?}");
+    let m = messages("[log]\nformat = \"xml\"\n[json_ping]\nmatch = \"ping\"");
+    assert!(m.iter().any(|l| l.contains("\"xml\" is not a log format: use \"json\" or \"text\"")), "{m:?}");
+    assert!(m.iter().any(|l| l.contains("\"ping\" is not a table")), "{m:?}");
+    // No message quotes a value twice over (figment's own wording did: ``json` or `text``).
+    assert!(m.iter().all(|l| !l.contains("``")), "{m:?}");
+}
+
+#[test]
+fn unsupported_schemes_are_named() {
+    for (url, words) in [
+        ("unix:///run/orchestrator.sock", "unsupported scheme \"unix\""),
+        ("ftp://127.0.0.1:21", "unsupported scheme \"ftp\""),
+        ("127.0.0.1:8080", "has no scheme"),
+        ("wss://127.0.0.1:443", "TLS to the upstream is not supported"),
+    ] {
+        let m = messages(&format!("[upstream]\nurl = {url:?}"));
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m[0].starts_with(&format!("upstream.url: {url:?}")) && m[0].contains(words), "{m:?}");
+    }
+}
+
+#[test]
+fn typos_get_the_nearest_key_or_section() {
+    let m = messages(
+        "[listen]\nadr = \"x\"\nurl = \"ws://x:1\"\ncolour = 1\n[lgo]\nlevel = \"info\"\n[upstream]\ntimout = \"1s\"",
+    );
+    let line = |key: &str| m.iter().find(|l| l.starts_with(&format!("{key}:"))).cloned().unwrap_or_default();
+    assert_eq!(line("listen.adr"), "listen.adr: unknown key; did you mean listen.addr?");
+    // A key that belongs to another section.
+    assert_eq!(line("listen.url"), "listen.url: unknown key; did you mean upstream.url?");
+    assert_eq!(line("listen.colour"), "listen.colour: unknown key");
+    assert_eq!(line("lgo"), "lgo: unknown section; did you mean [log]?");
+    assert!(line("upstream.timout").contains("did you mean"), "{m:?}");
+    // A key written outside any section.
+    assert_eq!(
+        messages("max_connections = 5"),
+        ["max_connections: unknown section; did you mean listen.max_connections?"]
+    );
+}
+
+#[test]
+fn a_syntax_error_names_the_line_and_column() {
+    // The column is where the parser stopped: at the unit after the number (toml says the same).
+    let text = "[listen]\naddr = \"0.0.0.0:1\"\nhandshake_timeout = 10s\n";
+    assert_eq!(problems(text), ["<toml>:3:23"]);
+    assert!(text.parse::<toml::Table>().unwrap_err().to_string().contains("line 3, column 23"));
+    let m = messages("[listen]\naddr = \"unterminated\n");
+    assert!(m[0].starts_with("<toml>:2:21: TOML syntax error: "), "{m:?}");
+}
+
+#[test]
+fn a_syntax_error_in_a_file_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wskeep.toml");
+    std::fs::write(&path, "[upstream]\nurl = ws://127.0.0.1:9000\n").unwrap();
+    let err = Config::load(Some(&path)).unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert_eq!(err.0[0].key, format!("{}:2:7", path.display()));
+}
+
+#[test]
+fn an_unknown_key_from_the_environment_names_the_variable() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("WSKEEP_UPSTREAM__URLL", "ws://127.0.0.1:2000");
+        jail.set_env("WSKEEP_LISTEN__ADDR", "localhost:8443");
+        let err = Config::load(None).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(|p| p.to_string()).collect();
+        assert!(
+            lines.contains(
+                &"upstream.urll: unknown key (set by WSKEEP_UPSTREAM__URLL); did you mean WSKEEP_UPSTREAM__URL?"
+                    .to_string()
+            ),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with("listen.addr: \"localhost:8443\" is not a socket address")
+                && l.ends_with("(set by WSKEEP_LISTEN__ADDR)")),
+            "{lines:?}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_json_ping_table_json_cannot_carry_is_refused() {
+    // nan would become JSON null, which `check` could not print back (it used to panic there).
+    assert_eq!(problems("[json_ping]\nmatch = { type = \"ping\", x = nan }"), ["json_ping.match"]);
+    assert_eq!(problems("[json_ping]\nreply = { t = [inf] }"), ["json_ping.reply"]);
+}

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::{headers, text, Body, Settings, Shared};
 use crate::config::Config;
+use crate::vocab::UpgradeFailure;
 
 pub type UpstreamClient = Client<HttpConnector, Incoming>;
 
@@ -45,15 +46,49 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, settings: &Setting
             response.map(|b| b.boxed())
         }
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "upstream HTTP request failed");
+            let detail = error_chain(&e);
             if timed_out(&e) {
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
+                failed(StatusCode::GATEWAY_TIMEOUT, peer, parts.uri.path(), &detail)
             } else {
-                text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+                failed(StatusCode::BAD_GATEWAY, peer, parts.uri.path(), &detail)
             }
         }
-        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
+        Err(_) => {
+            let detail = format!(
+                "no response within upstream.response_timeout ({})",
+                humantime::format_duration(upstream.response_timeout)
+            );
+            failed(StatusCode::GATEWAY_TIMEOUT, peer, parts.uri.path(), &detail)
+        }
     }
+}
+
+/// 502 or 504 for a request the upstream did not answer, logged (rate-limited) like an upgrade
+/// that failed for the same reason.
+fn failed(status: StatusCode, peer: SocketAddr, path: &str, detail: &str) -> Response<Body> {
+    let (reason, body) = if status == StatusCode::GATEWAY_TIMEOUT {
+        (UpgradeFailure::UpstreamTimeout, "upstream timed out\n")
+    } else {
+        (UpgradeFailure::UpstreamUnreachable, "upstream unavailable\n")
+    };
+    crate::telemetry::http_failure(status.as_u16(), reason, peer, path, detail);
+    text(status, body)
+}
+
+/// An error and its causes on one line: hyper's own message ("client error (Connect)") says
+/// little without the OS error beneath it.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        let more = err.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = err.source();
+    }
+    text
 }
 
 /// Whether the connector gave up on `upstream.connect_timeout` (an `io::ErrorKind::TimedOut`

@@ -5,6 +5,7 @@
 pub mod echo;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +20,19 @@ use crate::tools::client::{self, ClientOptions, Connection, Incoming, Target, OP
 pub struct Common {
     pub url: String,
     pub insecure: bool,
+    /// Trust this PEM bundle instead of the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Common {
     fn options(&self, bind: Option<IpAddr>) -> ClientOptions {
-        ClientOptions { insecure: self.insecure, bind, timeout: Some(Duration::from_secs(10)), ..Default::default() }
+        ClientOptions {
+            insecure: self.insecure,
+            ca_file: self.ca_file.clone(),
+            bind,
+            timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        }
     }
 
     async fn open(&self, bind: Option<IpAddr>) -> Result<Connection, client::ClientError> {

@@ -27,7 +27,8 @@ pub enum ClientError {
     Url(String, &'static str),
     #[error("connect: {0}")]
     Io(#[from] io::Error),
-    #[error("TLS: {0}")]
+    /// One sentence that says what went wrong and what to do (`tls_failure`).
+    #[error("{0}")]
     Tls(String),
     #[error("handshake refused: HTTP {status} {body:?}")]
     Refused { status: u16, body: String },
@@ -108,8 +109,9 @@ pub async fn connect_target(
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = match tls {
             Some(connector) => {
-                let name = ServerName::try_from(target.host.clone()).map_err(|e| ClientError::Tls(e.to_string()))?;
-                Box::new(connector.connect(name, tcp).await.map_err(|e| ClientError::Tls(e.to_string()))?)
+                let name = ServerName::try_from(target.host.clone())
+                    .map_err(|_| ClientError::Tls(format!("{:?} is not a valid TLS server name", target.host)))?;
+                Box::new(connector.connect(name, tcp).await.map_err(|e| tls_failure(&e, target, options))?)
             }
             None => Box::new(tcp),
         };
@@ -214,10 +216,13 @@ pub fn tls_connector(options: &ClientOptions) -> Result<tokio_rustls::TlsConnect
         match &options.ca_file {
             Some(path) => {
                 use rustls::pki_types::pem::PemObject;
-                for cert in CertificateDer::pem_file_iter(path).map_err(|e| ClientError::Tls(e.to_string()))? {
-                    roots
-                        .add(cert.map_err(|e| ClientError::Tls(e.to_string()))?)
-                        .map_err(|e| ClientError::Tls(e.to_string()))?;
+                let bad = |why: String| ClientError::Tls(format!("--cacert {}: {why}", path.display()));
+                for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(format!("cannot be read: {e}")))? {
+                    let cert = cert.map_err(|e| bad(format!("not a PEM certificate bundle: {e}")))?;
+                    roots.add(cert).map_err(|e| bad(format!("holds a certificate that cannot be trusted: {e}")))?;
+                }
+                if roots.is_empty() {
+                    return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
                 }
             }
             None => {
@@ -230,6 +235,101 @@ pub fn tls_connector(options: &ClientOptions) -> Result<tokio_rustls::TlsConnect
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// A failed TLS handshake as one sentence an operator can act on: what was wrong, and the
+/// option or the change that fixes it.
+fn tls_failure(e: &io::Error, target: &Target, options: &ClientOptions) -> ClientError {
+    let server = format!("{}:{}", target.host, target.port);
+    let trusted = match &options.ca_file {
+        Some(path) => format!("a CA in {}", path.display()),
+        None => "a CA this system trusts".to_string(),
+    };
+    let Some(error) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        // Not a TLS message at all: the connection ended or was reset mid-handshake.
+        return ClientError::Tls(format!(
+            "the TLS handshake with {server} failed ({e}): is it a TLS endpoint (a ws:// URL if not)?"
+        ));
+    };
+    use rustls::CertificateError as Cert;
+    let message = match error {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            // BadSignature: a trusted CA has the issuer's name but did not sign it.
+            Cert::UnknownIssuer | Cert::BadSignature => format!(
+                "the certificate of {server} is not signed by {trusted}: --cacert wants the CA that issued it \
+                 (or skip verification with --insecure)"
+            ),
+            Cert::Other(other) if is_ca_used_as_leaf(other) => format!(
+                "{server} presents a CA certificate (basicConstraints CA:TRUE, what `openssl req -x509` makes by \
+                 default) as its own, which TLS clients refuse: --cacert wants the CA that signed the server's \
+                 certificate, not a CA-flagged leaf, so give the server a leaf certificate (openssl req -x509 \
+                 -addext basicConstraints=critical,CA:FALSE -addext subjectAltName={}:{}) or use --insecure",
+                if target.host.parse::<IpAddr>().is_ok() { "IP" } else { "DNS" },
+                target.host
+            ),
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                let names = match cert {
+                    Cert::NotValidForNameContext { presented, .. } if !presented.is_empty() => {
+                        let names: Vec<&str> = presented.iter().map(|n| presented_name(n)).collect();
+                        format!(" (it names {})", names.join(", "))
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "the certificate of {server} is not valid for {:?}{names}: connect with a name it holds in \
+                     its subjectAltName, or use --insecure",
+                    target.host
+                )
+            }
+            Cert::Expired | Cert::ExpiredContext { .. } => {
+                let when = match cert {
+                    Cert::ExpiredContext { not_after, .. } => format!(" at {}", unix_time(not_after)),
+                    _ => String::new(),
+                };
+                format!("the certificate of {server} expired{when}: the server must renew it (or use --insecure)")
+            }
+            Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                let when = match cert {
+                    Cert::NotValidYetContext { not_before, .. } => format!(" before {}", unix_time(not_before)),
+                    _ => String::new(),
+                };
+                format!(
+                    "the certificate of {server} is not valid yet{when}: check this machine's clock and the \
+                     server's (or use --insecure)"
+                )
+            }
+            other => format!("the certificate of {server} is refused ({other:?}): fix it, or use --insecure"),
+        },
+        rustls::Error::InvalidMessage(_) => {
+            format!("{server} did not answer with TLS: if it serves plain WebSocket, use a ws:// URL instead of wss://")
+        }
+        rustls::Error::AlertReceived(alert) => format!(
+            "{server} refused the TLS handshake (alert {alert:?}): it may require a client certificate or a \
+             protocol this client does not offer (TLS 1.2 and 1.3)"
+        ),
+        rustls::Error::PeerIncompatible(why) => {
+            format!("{server} has no TLS version or cipher suite in common with this client (TLS 1.2 and 1.3): {why:?}")
+        }
+        other => format!("the TLS handshake with {server} failed: {other}"),
+    };
+    ClientError::Tls(message)
+}
+
+/// `localhost` from webpki's `DnsName("localhost")`, `127.0.0.1` from `IpAddress(127.0.0.1)`.
+fn presented_name(name: &str) -> &str {
+    match (name.find('('), name.rfind(')')) {
+        (Some(open), Some(close)) if open < close => name[open + 1..close].trim_matches('"'),
+        _ => name,
+    }
+}
+
+/// Whether webpki refused the certificate for being a CA's (`CaUsedAsEndEntity`).
+fn is_ca_used_as_leaf(other: &rustls::OtherError) -> bool {
+    matches!(other.0.downcast_ref::<webpki::Error>(), Some(webpki::Error::CaUsedAsEndEntity))
+}
+
+fn unix_time(t: &UnixTime) -> String {
+    crate::telemetry::rfc3339(i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// `--insecure`: the certificate is not checked, only the handshake signatures.
@@ -438,6 +538,13 @@ mod tests {
         assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Binary(Bytes::from(vec![7u8; 70_000]))));
         assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Close(Some(4000), "bye".into())));
         assert_eq!(reader.read_message().await.unwrap(), None);
+    }
+
+    #[test]
+    fn presented_names_lose_their_debug_wrapping() {
+        assert_eq!(presented_name("DnsName(\"localhost\")"), "localhost");
+        assert_eq!(presented_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(presented_name("DirectoryName"), "DirectoryName");
     }
 
     #[test]
