@@ -1,0 +1,95 @@
+//! The pages people look at, served from the binary: `/` (what is happening now: live
+//! connections, recent endings, charts) and `/probe` (the connection stability test), with their
+//! script, style and JSON. No CDN, no inline script: a strict Content-Security-Policy allows only
+//! this port's own files (and, for `/probe`, WebSocket connections to the URL the user enters).
+//!
+//! The status page polls `/status.json` every few seconds; one refresh locks the connection map
+//! only to clone its `Arc`s and sends at most `MAX_ROWS` rows, whatever the number of connections.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use crate::connections::Query;
+use crate::endings::close_meanings_json;
+use crate::proxy::Shared;
+
+const STATUS_HTML: &str = include_str!("pages/status.html");
+const STATUS_JS: &str = include_str!("pages/status.js");
+const PROBE_HTML: &str = include_str!("pages/probe.html");
+const PROBE_JS: &str = include_str!("pages/probe.js");
+const PAGES_CSS: &str = include_str!("pages/pages.css");
+
+/// Only this port's own files; nothing inline, no frames, no forms posting anywhere.
+const CSP_STATUS: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                          connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+/// The test page also opens WebSockets to the URL the user enters.
+const CSP_PROBE: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                         connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Endings the status page shows (all `RING_CAPACITY` are at `/connections?ended=1`).
+const PAGE_ENDINGS: usize = 100;
+
+/// The page or file at `path`, if it is one of them.
+pub fn serve(path: &str, query: &str, shared: &Shared, proxy_addr: SocketAddr) -> Option<Response<Full<Bytes>>> {
+    Some(match path {
+        "/" => page("text/html; charset=utf-8", STATUS_HTML.into(), CSP_STATUS),
+        "/status.js" => page("text/javascript; charset=utf-8", STATUS_JS.into(), CSP_STATUS),
+        "/probe" => page("text/html; charset=utf-8", probe_html(shared, proxy_addr).into(), CSP_PROBE),
+        "/probe.js" => page("text/javascript; charset=utf-8", PROBE_JS.into(), CSP_STATUS),
+        "/pages.css" => page("text/css; charset=utf-8", PAGES_CSS.into(), CSP_STATUS),
+        "/status.json" => page("application/json", status_json(shared, query).into(), CSP_STATUS),
+        "/close-codes.json" => page("application/json", close_meanings_json().to_string().into(), CSP_STATUS),
+        _ => return None,
+    })
+}
+
+fn page(content_type: &'static str, body: Bytes, csp: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = StatusCode::OK;
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+    h.insert(HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer"));
+    h.insert(HeaderName::from_static("x-frame-options"), HeaderValue::from_static("DENY"));
+    response
+}
+
+/// One refresh of the status page.
+fn status_json(shared: &Shared, query: &str) -> String {
+    let view = shared.connections.query(&Query::parse(query));
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "draining": shared.drain.is_draining(),
+        "now": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+        "live": view,
+        "ended_total": shared.endings.total(),
+        "endings": shared.endings.recent_json(PAGE_ENDINGS),
+        "charts": shared.endings.charts_json(),
+    })
+    .to_string()
+}
+
+/// The test page, with this wskeep's own proxy address as the default target: its scheme, port
+/// and (unless it listens on every address) its IP; the page takes the host it was loaded from
+/// otherwise. All three come from the configuration, never from the request.
+fn probe_html(shared: &Shared, proxy_addr: SocketAddr) -> String {
+    let scheme = if shared.tls { "wss" } else { "ws" };
+    let host = if proxy_addr.ip().is_unspecified() {
+        String::new()
+    } else if proxy_addr.is_ipv6() {
+        format!("[{}]", proxy_addr.ip())
+    } else {
+        proxy_addr.ip().to_string()
+    };
+    PROBE_HTML
+        .replace("{{scheme}}", scheme)
+        .replace("{{host}}", &host)
+        .replace("{{port}}", &proxy_addr.port().to_string())
+}
