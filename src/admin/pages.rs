@@ -23,6 +23,7 @@ const STATUS_JS: &str = include_str!("pages/status.js");
 const PROBE_HTML: &str = include_str!("pages/probe.html");
 const PROBE_JS: &str = include_str!("pages/probe.js");
 const PAGES_CSS: &str = include_str!("pages/pages.css");
+const FAVICON: &str = include_str!("pages/favicon.svg");
 
 /// Only this port's own files; nothing inline, no frames, no forms posting anywhere.
 const CSP_STATUS: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -41,6 +42,7 @@ pub fn serve(path: &str, query: &str, shared: &Shared, proxy_addr: SocketAddr) -
         "/status.js" => page("text/javascript; charset=utf-8", STATUS_JS.into(), CSP_STATUS),
         "/probe" => page("text/html; charset=utf-8", probe_html(shared, proxy_addr).into(), CSP_PROBE),
         "/probe.js" => page("text/javascript; charset=utf-8", PROBE_JS.into(), CSP_STATUS),
+        "/favicon.svg" => page("image/svg+xml", FAVICON.into(), CSP_STATUS),
         "/pages.css" => page("text/css; charset=utf-8", PAGES_CSS.into(), CSP_STATUS),
         "/status.json" => page("application/json", status_json(shared, query).into(), CSP_STATUS),
         "/close-codes.json" => page("application/json", close_meanings_json().to_string().into(), CSP_STATUS),

@@ -58,6 +58,7 @@ function start(event) {
   ws.onopen = () => {
     run.opened = performance.now();
     setText("state", "open");
+    ping(); // at once too: the first RTT, and the timeline starts at 0
     run.timers.push(setInterval(ping, every));
     run.timers.push(setInterval(tick, 250));
     run.timers.push(setTimeout(() => {

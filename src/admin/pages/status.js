@@ -92,6 +92,7 @@ function renderEndings(rows, total) {
     const tr = el("tr");
     tr.dataset.id = e.id;
     tr.dataset.end = e.end;
+    tr.dataset.path = e.path;
     const end = el("td", e.end, e.end.endsWith("_close") ? "" : "bad");
     end.title = e.end_meaning;
     const meanings = el("td");
@@ -115,8 +116,9 @@ function svgEl(tag, attrs, text) {
   return e;
 }
 
-// Vertical bars with a label under each; `series` is [{ label, values: [n per group], cls }].
-function bars(id, labels, series) {
+// Vertical bars with a label under each (`titles`: the long names, shown on hover); `series`
+// is [{ name, values: [n per label], cls }].
+function bars(id, labels, series, titles = labels) {
   const svg = document.getElementById(id);
   const W = 320, H = 120, top = 12, bottom = 22, left = 4;
   const max = Math.max(1, ...series.flatMap((s) => s.values));
@@ -129,7 +131,7 @@ function bars(id, labels, series) {
       const h = ((H - top - bottom) * v) / max;
       const x = left + i * slot + j * width;
       const bar = svgEl("rect", { x, y: H - bottom - h, width: width - 1, height: h, class: "bar " + (s.cls || "") });
-      bar.append(svgEl("title", {}, `${s.name ? s.name + " " : ""}${label}: ${v}`));
+      bar.append(svgEl("title", {}, `${s.name ? s.name + " " : ""}${titles[i]}: ${v}`));
       parts.push(bar);
       if (v > 0) parts.push(svgEl("text", { x: x + width / 2, y: H - bottom - h - 2, "text-anchor": "middle" }, String(v)));
     });
@@ -140,7 +142,7 @@ function bars(id, labels, series) {
 
 function bound(le, unit) {
   if (le === null) return "more";
-  return unit === "ms" ? "≤" + (le * 1000) : "≤" + (le >= 3600 ? le / 3600 + "h" : le >= 60 ? le / 60 + "m" : le + "s");
+  return unit === "ms" ? "≤" + (le * 1000) + "ms" : "≤" + (le >= 3600 ? le / 3600 + "h" : le >= 60 ? le / 60 + "m" : le + "s");
 }
 
 function drawOpen(samples, open, now) {
@@ -162,8 +164,9 @@ function drawOpen(samples, open, now) {
 
 function drawEnds(byEnd) {
   const names = Object.keys(byEnd);
-  const short = names.map((n) => n.replace("upstream", "up").replace("client", "cl").replace("_", " "));
-  bars("chart-ends", short, [{ values: names.map((n) => byEnd[n]) }]);
+  const short = names.map((n) => n.replace("upstream_", "up ").replace("client_", "cl ").replace("timeout", "t/o")
+    .replace("error", "err").replace("shutdown", "stop"));
+  bars("chart-ends", short, [{ values: names.map((n) => byEnd[n]) }], names);
 }
 
 function drawLifetime(buckets) {
