@@ -37,10 +37,13 @@ fn screenshots() -> PathBuf {
     dir
 }
 
+/// The driver's stdin and stdout; `None` once the test has closed it.
+type Pipes = Arc<Mutex<Option<(ChildStdin, BufReader<ChildStdout>)>>>;
+
 /// `node tests/pages/driver.mjs`: one JSON command per line in, one answer per line out.
 struct Driver {
     child: Child,
-    io: Arc<Mutex<Option<(ChildStdin, BufReader<ChildStdout>)>>>,
+    io: Pipes,
 }
 
 impl Driver {

@@ -95,3 +95,44 @@ fn probe_html(shared: &Shared, proxy_addr: SocketAddr) -> String {
         .replace("{{host}}", &host)
         .replace("{{port}}", &proxy_addr.port().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::relay::Outcome;
+    use crate::vocab::{End, Side};
+
+    /// The cost README states: one refresh of the status page with 9,000 open connections and
+    /// a full endings ring is bounded in bytes whatever the count, and takes milliseconds.
+    #[test]
+    fn a_refresh_with_9000_connections_is_bounded() {
+        let config = crate::config::Config::from_toml("[upstream]\nurl = \"ws://127.0.0.1:9\"\n").unwrap();
+        let shared = Shared::new(config, Arc::new(crate::metrics::Metrics::new()), false);
+        let guards: Vec<_> = (0..9000u32)
+            .map(|i| shared.connections.open(([10, 0, (i >> 8) as u8, i as u8], 40000).into(), format!("/voice/{i}")))
+            .collect();
+        for g in &guards {
+            g.info.leg(Side::Client).last_rtt_us.store(100 + g.info.id % 5000, std::sync::atomic::Ordering::Relaxed);
+        }
+        let outcome = Outcome { end: End::ClientError, codes: [(Some(1006), None), (Some(1001), Some(1001))] };
+        for g in guards.iter().take(crate::endings::RING_CAPACITY) {
+            shared.endings.record(g.info.clone(), outcome, Duration::from_secs(61));
+        }
+        let mut sizes = Vec::new();
+        let started = Instant::now();
+        for query in ["", "sort=client_rtt&order=desc&limit=100", "path=%2Fvoice%2F1&sort=age", "limit=500"] {
+            let json = status_json(&shared, query);
+            let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(parsed["live"]["open"], 9000);
+            sizes.push(json.len());
+        }
+        let per_refresh = started.elapsed() / 4;
+        eprintln!("status.json with 9000 connections: {sizes:?} bytes, {per_refresh:?} per refresh");
+        assert!(sizes[0] < 128 * 1024, "100 rows and 100 endings: {sizes:?}");
+        assert!(sizes[3] < 320 * 1024, "at most MAX_ROWS rows: {sizes:?}");
+        assert!(per_refresh < Duration::from_millis(500), "{per_refresh:?}");
+    }
+}

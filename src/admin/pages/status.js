@@ -165,7 +165,7 @@ function drawOpen(samples, open, now) {
 function drawEnds(byEnd) {
   const names = Object.keys(byEnd);
   const short = names.map((n) => n.replace("upstream_", "up ").replace("client_", "cl ").replace("timeout", "t/o")
-    .replace("error", "err").replace("shutdown", "stop"));
+    .replace("error", "err"));
   bars("chart-ends", short, [{ values: names.map((n) => byEnd[n]) }], names);
 }
 
