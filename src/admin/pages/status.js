@@ -34,6 +34,7 @@ function code(c) {
 
 async function refresh() {
   clearTimeout(timer);
+  if (document.hidden) return; // a hidden tab costs wskeep nothing; "visibilitychange" resumes
   const q = new URLSearchParams({ sort: state.sort, order: state.order, limit: state.limit });
   if (state.path) q.set("path", state.path);
   try {
@@ -211,6 +212,7 @@ document.addEventListener("DOMContentLoaded", () => {
     typing = setTimeout(() => { state.path = e.target.value; refresh(); }, 250);
   });
   document.getElementById("limit").addEventListener("change", (e) => { state.limit = e.target.value; refresh(); });
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
   markSorted();
   refresh();
 });
