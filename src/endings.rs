@@ -21,6 +21,8 @@ pub const RING_CAPACITY: usize = 500;
 /// Samples of the open-connection count: one every `SAMPLE_EVERY`, an hour's worth.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(15);
 const SAMPLES: usize = 240;
+/// The histogram's upper bounds, then one bucket for longer.
+const LIFETIME_BUCKETS: usize = DURATION_BUCKETS.len() + 1;
 
 pub struct Ended {
     /// The connection's final state (counts, RTTs): kept whole, it costs no copy.
@@ -33,8 +35,8 @@ pub struct Ended {
 struct State {
     ring: VecDeque<Ended>,
     by_end: [u64; End::ALL.len()],
-    /// Endings by lifetime: `DURATION_BUCKETS` upper bounds, then one for longer.
-    by_lifetime: [u64; 14],
+    /// Endings by lifetime (`LIFETIME_BUCKETS`).
+    by_lifetime: [u64; LIFETIME_BUCKETS],
     /// (unix seconds, open connections).
     samples: VecDeque<(u64, u64)>,
 }
@@ -49,7 +51,7 @@ impl Default for Endings {
             state: Mutex::new(State {
                 ring: VecDeque::with_capacity(RING_CAPACITY),
                 by_end: [0; End::ALL.len()],
-                by_lifetime: [0; 14],
+                by_lifetime: [0; LIFETIME_BUCKETS],
                 samples: VecDeque::with_capacity(SAMPLES),
             }),
         }
@@ -69,7 +71,7 @@ impl Endings {
     /// Records one ending (the relay task calls this once, after the closing handshakes).
     pub fn record(&self, info: Arc<ConnInfo>, outcome: Outcome, duration: Duration) {
         let ended = Ended { info, at: SystemTime::now(), duration, outcome };
-        let bucket = DURATION_BUCKETS.iter().position(|&b| duration.as_secs_f64() <= b).unwrap_or(13);
+        let bucket = DURATION_BUCKETS.iter().position(|&b| duration.as_secs_f64() <= b).unwrap_or(LIFETIME_BUCKETS - 1);
         let mut state = self.lock();
         if state.ring.len() == RING_CAPACITY {
             state.ring.pop_front();

@@ -150,12 +150,14 @@ function finish(code, reason, wasClean) {
   setText("state", survived ? "finished" : opened ? "closed" : "failed to connect");
   const verdict = $("verdict");
   const explained = `${code}${reason ? ` "${reason}"` : ""}: ${meaning(code)}`;
-  verdict.dataset.outcome = survived ? "survived" : "closed";
+  verdict.dataset.outcome = survived ? "survived" : run.stopped ? "stopped" : "closed";
   verdict.dataset.code = code;
   verdict.className = "verdict " + (survived ? "survived" : "closed");
   verdict.textContent = survived
     ? `Survived the whole test (${fmt(run.duration)}); closed by this page with ${explained}.`
-    : opened
+    : run.stopped
+      ? `Stopped by you after ${fmt(lifetime())}.`
+      : opened
       ? `Closed after ${fmt(lifetime())}, before the test's end, with close code ${explained}.`
       : `Could not connect (close code ${explained}). Check the URL, and for wss:// whether this browser trusts the certificate.`;
   const unanswered = run.pings.filter((p) => p.rtt === null).length;
@@ -165,7 +167,7 @@ function finish(code, reason, wasClean) {
     `url: ${run.url.replace(/\?.*$/, "?…")}`,
     `started: ${run.startedAt.toISOString()}`,
     `json ping every: ${fmt(run.every)}; planned duration: ${fmt(run.duration)}`,
-    `result: ${survived ? "survived" : opened ? "closed early" : "no connection"}`,
+    `result: ${survived ? "survived" : run.stopped ? "stopped" : opened ? "closed early" : "no connection"}`,
     `lifetime: ${fmt(lifetime())}`,
     `close code: ${code}; reason: ${reason || "(none)"}; clean: ${wasClean}`,
     `meaning: ${meaning(code)}`,
@@ -195,7 +197,11 @@ async function copyReport() {
 document.addEventListener("DOMContentLoaded", async () => {
   $("url").value = defaultUrl();
   $("form").addEventListener("submit", start);
-  $("stop").addEventListener("click", () => { if (run) run.ws.close(1000, "stopped by the user"); });
+  $("stop").addEventListener("click", () => {
+    if (!run) return;
+    run.stopped = true;
+    run.ws.close(1000, "stopped by the user");
+  });
   $("copy").addEventListener("click", copyReport);
   try {
     meanings = await (await fetch("/close-codes.json", { cache: "no-store" })).json();
