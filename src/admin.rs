@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Shared;
 
-mod pages;
+pub(crate) mod pages;
 
 pub async fn serve(
     listener: TcpListener,

@@ -30,6 +30,8 @@ use wskeep::tools::legacy_upstream::{self, LegacyOptions};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const WAIT_MS: u64 = 10_000;
+/// `listen.probe_path` of the kept run: the test page on the proxy port.
+const PROBE_PATH: &str = "/wskeep/probe";
 
 fn screenshots() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("pages-screenshots");
@@ -147,9 +149,9 @@ impl Drop for Driver {
     }
 }
 
-fn config(port: u16, admin: u16, upstream: SocketAddr, client_keepalive: &str) -> String {
+fn config(port: u16, admin: u16, upstream: SocketAddr, client_keepalive: &str, listen_extra: &str) -> String {
     format!(
-        "[listen]\naddr = \"127.0.0.1:{port}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n\
+        "[listen]\naddr = \"127.0.0.1:{port}\"\n{listen_extra}\n[admin]\naddr = \"127.0.0.1:{admin}\"\n\
          [upstream]\nurl = \"ws://{upstream}\"\n[client_keepalive]\n{client_keepalive}\n\
          [log]\nlevel = \"info\"\nformat = \"json\"\n"
     )
@@ -207,7 +209,7 @@ async fn the_status_page_shows_live_connections_then_their_endings_in_plain_word
             .await
             .unwrap();
     let keepalive = "ping_interval = \"200ms\"\ntimeout = \"5s\"";
-    let wskeep = Wskeep::start_with(|port, admin| config(port, admin, upstream, keepalive)).await;
+    let wskeep = Wskeep::start_with(|port, admin| config(port, admin, upstream, keepalive, "")).await;
     let a = hold(wskeep.addr, "/voice/a?token=SECRET-A").await;
     let b = hold(wskeep.addr, "/voice/b?token=SECRET-B").await;
 
@@ -271,18 +273,18 @@ async fn the_probe_page_reports_an_idle_cut_as_1006_and_survives_with_client_pin
             .unwrap();
     let off = "ping_interval = \"0s\"\ntimeout = \"0s\"";
     let on = "ping_interval = \"200ms\"\ntimeout = \"2s\"";
-    let cut = Wskeep::start_with(|port, admin| config(port, admin, upstream, off)).await;
-    let kept = Wskeep::start_with(|port, admin| config(port, admin, upstream, on)).await;
+    let cut = Wskeep::start_with(|port, admin| config(port, admin, upstream, off, "")).await;
+    let probe_path = format!("probe_path = \"{PROBE_PATH}\"");
+    let kept = Wskeep::start_with(|port, admin| config(port, admin, upstream, on, &probe_path)).await;
     let cut_proxy = idle_proxy::start(cut.addr, Duration::from_millis(500)).await;
     let kept_proxy = idle_proxy::start(kept.addr, Duration::from_millis(500)).await;
 
     let driver = Driver::launch();
-    let run = |wskeep: &Wskeep, proxy: SocketAddr| {
-        let admin = wskeep.admin;
-        let own = wskeep.addr;
+    // The cut run loads the page from the admin port, the kept run from the proxy port.
+    let run = |page: String, own: SocketAddr, proxy: SocketAddr| {
         let driver = &driver;
         async move {
-            driver.goto(format!("http://{admin}/probe")).await;
+            driver.goto(page).await;
             driver.until("document.getElementById('url').value !== ''", WAIT_MS).await;
             let default = driver.eval("document.getElementById('url').value").await;
             assert_eq!(default, format!("ws://{own}/"), "the default target is this wskeep's own proxy");
@@ -294,7 +296,7 @@ async fn the_probe_page_reports_an_idle_cut_as_1006_and_survives_with_client_pin
         }
     };
 
-    run(&cut, cut_proxy.addr).await;
+    run(format!("http://{}/probe", cut.admin), cut.addr, cut_proxy.addr).await;
     assert_eq!(driver.eval("document.getElementById('verdict').dataset.outcome").await, "closed");
     assert_eq!(driver.eval("document.getElementById('verdict').dataset.code").await, "1006");
     let verdict = driver.text("#verdict").await;
@@ -306,7 +308,11 @@ async fn the_probe_page_reports_an_idle_cut_as_1006_and_survives_with_client_pin
     assert_eq!(cut_proxy.cuts(), 1, "the intermediary cut it");
     driver.screenshot("probe-cut.png").await;
 
-    run(&kept, kept_proxy.addr).await;
+    // listen.probe_path is off by default: the path is the upstream's; on, wskeep serves the page.
+    let (_, upstream_answer) = common::http_get(cut.addr, PROBE_PATH).await.unwrap();
+    assert!(!upstream_answer.contains("stability test"), "{upstream_answer}");
+    run(format!("http://{}{PROBE_PATH}", kept.addr), kept.addr, kept_proxy.addr).await;
+    assert_eq!(driver.eval("getComputedStyle(document.querySelector('nav')).display").await, "none");
     let verdict = driver.text("#verdict").await;
     assert_eq!(driver.eval("document.getElementById('verdict').dataset.outcome").await, "survived", "{verdict}");
     assert_eq!(driver.eval("document.getElementById('verdict').dataset.code").await, "1000");

@@ -40,7 +40,7 @@ pub fn serve(path: &str, query: &str, shared: &Shared, proxy_addr: SocketAddr) -
     Some(match path {
         "/" => page("text/html; charset=utf-8", STATUS_HTML.into(), CSP_STATUS),
         "/status.js" => page("text/javascript; charset=utf-8", STATUS_JS.into(), CSP_STATUS),
-        "/probe" => page("text/html; charset=utf-8", probe_html(shared, proxy_addr).into(), CSP_PROBE),
+        "/probe" => page("text/html; charset=utf-8", admin_probe_html(shared, proxy_addr).into(), CSP_PROBE),
         "/probe.js" => page("text/javascript; charset=utf-8", PROBE_JS.into(), CSP_STATUS),
         "/favicon.svg" => page("image/svg+xml", FAVICON.into(), CSP_STATUS),
         "/pages.css" => page("text/css; charset=utf-8", PAGES_CSS.into(), CSP_STATUS),
@@ -78,10 +78,10 @@ fn status_json(shared: &Shared, query: &str) -> String {
     .to_string()
 }
 
-/// The test page, with this wskeep's own proxy address as the default target: its scheme, port
-/// and (unless it listens on every address) its IP; the page takes the host it was loaded from
-/// otherwise. All three come from the configuration, never from the request.
-fn probe_html(shared: &Shared, proxy_addr: SocketAddr) -> String {
+/// The test page on the admin port, with this wskeep's own proxy address as the default target:
+/// its scheme, port and (unless it listens on every address) its IP; the page takes the host it
+/// was loaded from otherwise. All three come from the configuration, never from the request.
+fn admin_probe_html(shared: &Shared, proxy_addr: SocketAddr) -> String {
     let scheme = if shared.tls { "wss" } else { "ws" };
     let host = if proxy_addr.ip().is_unspecified() {
         String::new()
@@ -90,10 +90,39 @@ fn probe_html(shared: &Shared, proxy_addr: SocketAddr) -> String {
     } else {
         proxy_addr.ip().to_string()
     };
+    probe_html(scheme, &host, &proxy_addr.port().to_string(), "/", "")
+}
+
+/// `probe.html` with its placeholders filled: values wskeep chose or validated (the port's
+/// `listen.probe_path` holds only letters, digits and `/-_.~`), never request data.
+fn probe_html(scheme: &str, host: &str, port: &str, base: &str, nav: &str) -> String {
     PROBE_HTML
         .replace("{{scheme}}", scheme)
-        .replace("{{host}}", &host)
-        .replace("{{port}}", &proxy_addr.port().to_string())
+        .replace("{{host}}", host)
+        .replace("{{port}}", port)
+        .replace("{{base}}", base)
+        .replace("{{nav}}", nav)
+}
+
+/// The test page on the proxy port (`listen.probe_path`, off when empty): the page at the path,
+/// its files under it (`PATH/probe.js` ...). The default target is the address the page was
+/// loaded from; the admin port's links are hidden (that port is not this one).
+pub fn serve_on_proxy(path: &str, probe_path: &str) -> Option<Response<Full<Bytes>>> {
+    if probe_path.is_empty() {
+        return None;
+    }
+    if path == probe_path {
+        let html = probe_html("", "", "", &format!("{probe_path}/"), "hidden");
+        return Some(page("text/html; charset=utf-8", html.into(), CSP_PROBE));
+    }
+    let file = path.strip_prefix(probe_path)?.strip_prefix('/')?;
+    Some(match file {
+        "probe.js" => page("text/javascript; charset=utf-8", PROBE_JS.into(), CSP_STATUS),
+        "pages.css" => page("text/css; charset=utf-8", PAGES_CSS.into(), CSP_STATUS),
+        "favicon.svg" => page("image/svg+xml", FAVICON.into(), CSP_STATUS),
+        "close-codes.json" => page("application/json", close_meanings_json().to_string().into(), CSP_STATUS),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

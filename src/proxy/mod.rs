@@ -100,6 +100,10 @@ pub struct ConnMeta {
 
 pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Result<Response<Body>, Infallible> {
     let settings = shared.settings();
+    if let Some(page) = crate::admin::pages::serve_on_proxy(req.uri().path(), &settings.config.listen.probe_path) {
+        shared.metrics.http_request(page.status());
+        return Ok(page.map(|body| body.map_err(|never| match never {}).boxed()));
+    }
     if headers::wants_websocket(req.headers()) {
         Ok(ws::upgrade(req, shared, settings, meta).await)
     } else {

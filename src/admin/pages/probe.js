@@ -21,6 +21,8 @@ function fmt(ms) {
 
 function defaultUrl() {
   const b = document.body.dataset;
+  // Served on the proxy port itself (listen.probe_path): that port is the default target.
+  if (!b.port) return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/`;
   const host = b.host || location.hostname;
   return `${b.scheme}://${host.includes(":") && !host.startsWith("[") ? "[" + host + "]" : host}:${b.port}/`;
 }
@@ -204,7 +206,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("copy").addEventListener("click", copyReport);
   try {
-    meanings = await (await fetch("/close-codes.json", { cache: "no-store" })).json();
+    meanings = await (await fetch(document.body.dataset.codes, { cache: "no-store" })).json();
   } catch (_) {
     meanings = {};
   }
