@@ -134,6 +134,21 @@ mod tests {
     use crate::relay::Outcome;
     use crate::vocab::{End, Side};
 
+    #[test]
+    fn the_proxy_port_serves_only_the_test_page_and_its_files_and_only_when_asked() {
+        assert!(serve_on_proxy("/wskeep/probe", "").is_none(), "off by default");
+        let page = serve_on_proxy("/wskeep/probe", "/wskeep/probe").unwrap();
+        assert_eq!(page.headers()[CONTENT_SECURITY_POLICY], CSP_PROBE);
+        for file in ["probe.js", "pages.css", "favicon.svg", "close-codes.json"] {
+            assert!(serve_on_proxy(&format!("/wskeep/probe/{file}"), "/wskeep/probe").is_some(), "{file}");
+        }
+        for other in ["/wskeep/probex", "/wskeep/probe/status.js", "/wskeep/probe/", "/wskeep", "/status.json", "/"] {
+            assert!(serve_on_proxy(other, "/wskeep/probe").is_none(), "{other} is the upstream's");
+        }
+        let html = probe_html("", "", "", "/wskeep/probe/", "hidden");
+        assert!(html.contains(r#"<script src="/wskeep/probe/probe.js" defer>"#) && !html.contains("{{"), "{html}");
+    }
+
     /// The cost README states: one refresh of the status page with 9,000 open connections and
     /// a full endings ring is bounded in bytes whatever the count, and takes milliseconds.
     #[test]
