@@ -226,6 +226,13 @@ async fn the_status_page_shows_live_connections_then_their_endings_in_plain_word
     assert!(!page.contains("SECRET") && !page.contains("?token"), "no query string on the page:\n{page}");
     assert!(page.contains("2 open"), "{page}");
 
+    // Sorting goes to the server: a click on "id" sorts by it, newest first, a second click flips it.
+    let ids = format!("[...{rows}].map(r => r.dataset.id).join()");
+    driver.click("#live th[data-sort=id]").await;
+    driver.until(&format!("{ids} === '2,1'"), WAIT_MS).await;
+    driver.click("#live th[data-sort=id]").await;
+    driver.until(&format!("{ids} === '1,2'"), WAIT_MS).await;
+
     // The filter goes to the server: only the matching connection comes back.
     driver.fill("#filter", "/voice/b").await;
     driver.until(&format!("{rows}.length === 1 && {rows}[0].dataset.path === '/voice/b'"), WAIT_MS).await;
