@@ -36,6 +36,8 @@ settings! {
         handshake_timeout: Duration = Duration::from_secs(10),
         idle_timeout: Duration = Duration::from_secs(60),
         max_connections: u64 = 10_000,
+        /// Serves the stability test page on this port at this path ("/wskeep/probe"); "": off.
+        probe_path: String = String::new(),
     }
 
     [upstream] Upstream {
@@ -184,6 +186,15 @@ impl Config {
             (Some(_), None) => bad("listen.tls_key", "must be set together with listen.tls_cert".into()),
             (None, Some(_)) => bad("listen.tls_cert", "must be set together with listen.tls_key".into()),
             (None, None) => {}
+        }
+        let probe = &self.listen.probe_path;
+        let plain = |c: char| c.is_ascii_alphanumeric() || "/-_.~".contains(c);
+        if !probe.is_empty() && (!probe.starts_with('/') || probe.ends_with('/') || !probe.chars().all(plain)) {
+            let message = format!(
+                "{probe:?} must be \"\" (off) or a path such as \"/wskeep/probe\": starting with /, not ending \
+                 with /, of letters, digits and / - _ . ~ only"
+            );
+            bad("listen.probe_path", message);
         }
         if self.listen.handshake_timeout.is_zero() {
             bad("listen.handshake_timeout", "must be above 0s: without it a silent socket is held forever".into());

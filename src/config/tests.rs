@@ -230,3 +230,13 @@ fn a_json_ping_table_json_cannot_carry_is_refused() {
     assert_eq!(problems("[json_ping]\nmatch = { type = \"ping\", x = nan }"), ["json_ping.match"]);
     assert_eq!(problems("[json_ping]\nreply = { t = [inf] }"), ["json_ping.reply"]);
 }
+
+#[test]
+fn the_probe_path_is_off_or_a_plain_path() {
+    assert_eq!(Config::from_toml("").unwrap().listen.probe_path, "", "off by default");
+    assert!(problems("[listen]\nprobe_path = \"/wskeep/probe\"").is_empty());
+    for bad in ["wskeep", "/", "/probe/", "/probe?x=1", "/a\\\"b", "/<script>", "/a b"] {
+        let text = format!("[listen]\nprobe_path = \"{bad}\"");
+        assert_eq!(problems(&text), ["listen.probe_path"], "{bad}");
+    }
+}
