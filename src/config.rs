@@ -18,6 +18,9 @@ use serde_json::{Map, Value as Json};
 
 use crate::size::ByteSize;
 
+mod fd_budget;
+pub use fd_budget::{MAX_CONNECTIONS_CAP, MAX_HANDSHAKES_CAP};
+
 /// The environment variable that names the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "WSKEEP_CONFIG";
 /// Descriptors kept free for the listeners, the admin server, the upstream pool and logging.
@@ -47,7 +50,15 @@ pub struct Listen {
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A connection must send its first byte within this (or `handshake_timeout`, if shorter).
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
     pub max_connections: u64,
+    /// Connections still in their handshake (first byte, TLS, first request head).
+    pub max_handshakes: u64,
+    /// How the limits the configuration left unset were derived (`check` prints it).
+    #[serde(skip)]
+    pub derived: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -159,7 +170,10 @@ impl Default for Config {
                 tls_key: None,
                 handshake_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),
-                max_connections: 10_000,
+                first_byte_timeout: Duration::from_secs(3),
+                max_connections: MAX_CONNECTIONS_CAP,
+                max_handshakes: MAX_HANDSHAKES_CAP,
+                derived: Vec::new(),
             },
             upstream: Upstream {
                 url: "ws://127.0.0.1:8080".into(),
@@ -223,6 +237,10 @@ impl Config {
             .map_err(|e| ConfigError(vec![Problem { key: e.path.join("."), message: e.kind.to_string() }]))?;
         let mut r = Reader::new(&dict);
         let d = Config::default();
+        // Unset, these two are derived from the descriptor limit (`fd_budget`).
+        let max_connections: Option<u64> = r.get("listen", "max_connections", None);
+        let max_handshakes: Option<u64> = r.get("listen", "max_handshakes", None);
+        let sized = fd_budget::size(max_connections, max_handshakes, fd_hard_limit());
         let mut config = Config {
             listen: Listen {
                 addr: r.get("listen", "addr", d.listen.addr),
@@ -230,7 +248,10 @@ impl Config {
                 tls_key: r.get("listen", "tls_key", d.listen.tls_key),
                 handshake_timeout: r.duration("listen", "handshake_timeout", d.listen.handshake_timeout),
                 idle_timeout: r.duration("listen", "idle_timeout", d.listen.idle_timeout),
-                max_connections: r.get("listen", "max_connections", d.listen.max_connections),
+                first_byte_timeout: r.duration("listen", "first_byte_timeout", d.listen.first_byte_timeout),
+                max_connections: sized.max_connections,
+                max_handshakes: sized.max_handshakes,
+                derived: sized.derived,
             },
             upstream: Upstream {
                 url: r.get("upstream", "url", d.upstream.url),
@@ -260,6 +281,7 @@ impl Config {
             log: Log { format: r.get("log", "format", d.log.format), level: r.get("log", "level", d.log.level) },
         };
         let mut problems = r.finish();
+        problems.extend(sized.problems);
         problems.extend(config.validate());
         if problems.is_empty() {
             Ok(config)
@@ -286,22 +308,8 @@ impl Config {
         if self.listen.handshake_timeout.is_zero() {
             bad("listen.handshake_timeout", "must be above 0s: without it a silent socket is held forever".into());
         }
-        if self.listen.max_connections == 0 {
-            bad("listen.max_connections", "must be at least 1".into());
-        } else if let Some(limit) = fd_hard_limit() {
-            // Each proxied connection holds two descriptors; the listener must at least hold
-            // the client sockets themselves (the upstream leg is checked as a warning at start).
-            if self.listen.max_connections + FD_HEADROOM > limit {
-                bad(
-                    "listen.max_connections",
-                    format!(
-                        "{} connections cannot be held: the file-descriptor hard limit is {limit} \
-                         (raise `ulimit -Hn` or lower max_connections to at most {})",
-                        self.listen.max_connections,
-                        limit.saturating_sub(FD_HEADROOM)
-                    ),
-                );
-            }
+        if self.listen.first_byte_timeout.is_zero() {
+            bad("listen.first_byte_timeout", "must be above 0s: without it a silent socket is held forever".into());
         }
         match parse_upstream_url(&self.upstream.url) {
             Ok(authority) => self.upstream.authority = authority,
@@ -372,22 +380,12 @@ impl Config {
         toml::to_string_pretty(self).expect("config serialises to TOML")
     }
 
-    /// Warnings that do not stop wskeep (printed by `check` and logged by `run`).
+    /// Warnings that do not stop wskeep (printed by `check` and logged by `run`): limits that
+    /// were set and do not fit the descriptor limit (derived ones always fit).
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
-        if let Some(limit) = fd_hard_limit() {
-            let need = 2 * self.listen.max_connections + FD_HEADROOM;
-            if need > limit {
-                w.push(format!(
-                    "listen.max_connections = {} needs about {need} file descriptors when every connection \
-                     is a proxied WebSocket (two each), but the hard limit is {limit}: at most about {} \
-                     WebSocket connections can be proxied",
-                    self.listen.max_connections,
-                    limit.saturating_sub(FD_HEADROOM) / 2
-                ));
-            }
-        }
-        w
+        fd_budget::warning(self.listen.max_connections, self.listen.max_handshakes, fd_hard_limit())
+            .into_iter()
+            .collect()
     }
 }
 

@@ -1,12 +1,14 @@
-//! The listener: bind, accept, admit (or answer 503 past `max_connections`), terminate TLS under
-//! the handshake timeout, and serve HTTP/1.1 with upgrades. `Server::run` also starts the admin
-//! server and the certificate watcher, and returns once a requested shutdown has drained.
+//! The listener: bind, accept, admit (`admission`: a place among the connections in their
+//! handshake, then at the first request a slot of `max_connections` or 503), wait for the first
+//! byte, terminate TLS under the handshake timeout, and serve HTTP/1.1 with upgrades.
+//! `Server::run` also starts the admin server and the certificate watcher, and returns once a
+//! requested shutdown has drained.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -18,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{is_out_of_resources, FdReserve, HandshakePlace, Handshakes};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::metrics::Metrics;
@@ -29,9 +32,7 @@ use crate::vocab::UpgradeFailure;
 
 /// Request heads larger than this get 431 (hyper's read buffer is capped at it).
 pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
-/// Connections past the limit that may be in the middle of being told 503; beyond, dropped.
-const REJECT_SLOTS: usize = 256;
-/// Pause after an accept error such as EMFILE, so the loop does not spin.
+/// Pause after an accept error such as EMFILE (with the reserve in use), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections the kernel queues for the accept loop. tokio (mio) listens with std's 128, which a
 /// burst of connects overflows while the loop waits for a CPU: the dropped handshakes are retried
@@ -142,43 +143,45 @@ impl Server {
 }
 
 async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Option<TlsAcceptor>) {
-    let permits = Arc::new(Semaphore::new(shared.config.listen.max_connections as usize));
-    let rejecting = Arc::new(Semaphore::new(REJECT_SLOTS));
+    let slots = Arc::new(Semaphore::new(shared.config.listen.max_connections as usize));
+    let handshakes = Handshakes::new(shared.config.listen.max_handshakes as usize);
+    let mut reserve = FdReserve::default();
     let mut draining = pin!(shared.drain.draining());
-    let mut resource_errors = 0u64;
     loop {
-        let (tcp, peer) = tokio::select! {
+        reserve.refill();
+        let (tcp, peer, admission) = tokio::select! {
             biased;
             _ = &mut draining => return,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    if is_resource_error(&e) {
-                        // Out of descriptors or memory: log the first of a run, back off, retry.
-                        if resource_errors == 0 {
-                            tracing::error!(error = %e, "accept failed; backing off until descriptors free up");
-                        }
-                        resource_errors += 1;
+                Ok((tcp, peer)) => (tcp, peer, Admission::Slots(slots.clone())),
+                Err(e) if is_out_of_resources(&e) => {
+                    crate::telemetry::accept_failure(&e);
+                    // The reserved descriptor lets one waiting client in, to be told 503.
+                    let Some(permit) = reserve.release() else {
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    };
+                    match listener.accept().await {
+                        Ok((tcp, peer)) => (tcp, peer, Admission::OutOfResources(permit)),
+                        Err(_) => continue,
                     }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
                     continue;
                 }
             },
         };
-        if resource_errors > 0 {
-            tracing::warn!(failed_accepts = resource_errors, "accepting again");
-            resource_errors = 0;
-        }
         let _ = tcp.set_nodelay(true);
-        let admission = match permits.clone().try_acquire_owned() {
-            Ok(permit) => Admission::Admitted(Arc::new(permit)),
-            Err(_) => match rejecting.clone().try_acquire_owned() {
-                Ok(slot) => Admission::OverLimit(slot),
-                // Even the 503 slots are taken: closing at once is the only cheap answer.
-                Err(_) => continue,
-            },
-        };
-        shared.drain.spawn(serve_connection(tcp, peer, shared.clone(), acceptor.clone(), admission));
+        let (place, evicted) = handshakes.enter();
+        if evicted {
+            shared.metrics.upgrade_failed(UpgradeFailure::HandshakeLimit);
+            crate::telemetry::upgrade_failure(
+                UpgradeFailure::HandshakeLimit,
+                "listen.max_handshakes connections were in their handshake: the oldest was dropped",
+            );
+        }
+        shared.drain.spawn(serve_connection(tcp, peer, shared.clone(), acceptor.clone(), place, admission));
     }
 }
 
@@ -190,55 +193,78 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-fn is_resource_error(e: &io::Error) -> bool {
-    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12
-    matches!(e.raw_os_error(), Some(24) | Some(23) | Some(105) | Some(12))
-}
-
-/// Whether this TCP connection got a listener slot.
+/// How a connection's requests are admitted.
 enum Admission {
-    Admitted(Arc<OwnedSemaphorePermit>),
-    /// Past `max_connections`: every request gets 503 and the connection closes.
-    #[allow(dead_code)] // the slot is held for its Drop
-    OverLimit(OwnedSemaphorePermit),
+    /// Its first request takes a slot of `max_connections` for the connection's life, or gets
+    /// 503 (`limit`) with every later one if none is free.
+    Slots(Arc<Semaphore>),
+    /// Accepted on the reserved descriptor: every request gets 503 (`local_limit`).
+    #[allow(dead_code)] // the reserve's permit is held for its Drop
+    OutOfResources(OwnedSemaphorePermit),
 }
 
+/// The first byte, TLS and the first request head must all arrive within the handshake timeout
+/// (the first byte within `first_byte_timeout`), while the connection holds its handshake `place`;
+/// a newer connection may take that place, which ends this one.
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<TlsAcceptor>,
+    place: HandshakePlace,
     admission: Admission,
 ) {
     let listen = &shared.config.listen;
-    // TLS and the first request head must both arrive within the handshake timeout.
     let deadline = Instant::now() + listen.handshake_timeout;
+    let first_byte_deadline = deadline.min(Instant::now() + listen.first_byte_timeout);
+    let tls = acceptor.is_some();
+    let handshake_failed = |what: &str| {
+        if tls {
+            shared.metrics.tls_handshake_failures.inc();
+        }
+        tracing::debug!(%peer, "{what}");
+    };
+    let mut byte = [0u8; 1];
+    let first_byte = tokio::select! {
+        peeked = tokio::time::timeout_at(first_byte_deadline, tcp.peek(&mut byte)) => peeked,
+        _ = place.dropped() => return,
+    };
+    match first_byte {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return, // closed, or failed, before a byte came
+        Err(_) => return handshake_failed("no first byte within listen.first_byte_timeout"),
+    }
     let io = match acceptor {
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => Either::Left(tls),
-            Ok(Err(e)) => {
-                shared.metrics.tls_handshake_failures.inc();
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                shared.metrics.tls_handshake_failures.inc();
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
+        Some(acceptor) => tokio::select! {
+            accepted = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match accepted {
+                Ok(Ok(tls)) => Either::Left(tls),
+                Ok(Err(e)) => return handshake_failed(&format!("TLS handshake failed: {e}")),
+                Err(_) => return handshake_failed("TLS handshake timed out"),
+            },
+            _ = place.dropped() => return,
         },
         None => Either::Right(tcp),
     };
 
+    let place = Arc::new(place);
     let first_request = Arc::new(AtomicBool::new(false));
     let seen = first_request.clone();
     let service_shared = shared.clone();
+    let service_place = place.clone();
+    // Decided at the first request, for the connection's life.
+    let slot: Arc<OnceLock<Option<Arc<OwnedSemaphorePermit>>>> = Arc::default();
     let service = service_fn(move |req| {
         seen.store(true, Relaxed);
+        service_place.leave();
         let shared = service_shared.clone();
-        let admitted = match &admission {
-            Admission::Admitted(permit) => Some(ConnMeta { peer, permit: permit.clone() }),
-            Admission::OverLimit(_) => None,
+        let admitted = slot.get_or_init(|| match &admission {
+            Admission::Slots(slots) => slots.clone().try_acquire_owned().ok().map(Arc::new),
+            Admission::OutOfResources(_) => None,
+        });
+        let admitted = admitted.as_ref().map(|permit| ConnMeta { peer, permit: permit.clone() });
+        let refusal = match admission {
+            Admission::Slots(_) => UpgradeFailure::Limit,
+            Admission::OutOfResources(_) => UpgradeFailure::LocalLimit,
         };
         async move {
             // hyper's `max_buf_size` only bounds a head that is still incomplete: one that arrives
@@ -248,7 +274,7 @@ async fn serve_connection(
             }
             match admitted {
                 Some(meta) => proxy::handle(req, shared, meta).await,
-                None => Ok(over_limit(&req, &shared)),
+                None => Ok(refuse(&req, &shared, refusal)),
             }
         }
     });
@@ -280,6 +306,8 @@ async fn serve_connection(
                     return;
                 }
             }
+            // Only a connection before its first request has a place a newer one can take.
+            _ = place.dropped() => return,
             _ = &mut draining, if !drain_seen => {
                 drain_seen = true;
                 conn.as_mut().graceful_shutdown();
@@ -314,14 +342,19 @@ fn head_too_large<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Respons
     response
 }
 
-fn over_limit<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<proxy::Body> {
+/// 503 past `max_connections` (`Limit`) or on the reserved descriptor (`LocalLimit`).
+fn refuse<B>(req: &hyper::Request<B>, shared: &Shared, reason: UpgradeFailure) -> hyper::Response<proxy::Body> {
+    let (detail, body) = match reason {
+        UpgradeFailure::LocalLimit => ("out of file descriptors at accept", "wskeep is out of local resources\n"),
+        _ => ("listen.max_connections reached", "too many connections\n"),
+    };
     if proxy::headers::wants_websocket(req.headers()) {
-        shared.metrics.upgrade_failed(UpgradeFailure::Limit);
-        crate::telemetry::upgrade_failure(UpgradeFailure::Limit, "listen.max_connections reached");
+        shared.metrics.upgrade_failed(reason);
+        crate::telemetry::upgrade_failure(reason, detail);
     } else {
         shared.metrics.http_request(hyper::StatusCode::SERVICE_UNAVAILABLE);
     }
-    let mut response = proxy::text(hyper::StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    let mut response = proxy::text(hyper::StatusCode::SERVICE_UNAVAILABLE, body);
     response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     response
 }

@@ -60,31 +60,50 @@ pub fn connection_closed(conn: &ConnInfo, outcome: &Outcome, duration: Duration)
 /// One line per reason per window; the lines in between are counted and reported with the next.
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
 
-struct Limiter {
-    /// Milliseconds since `epoch` at which the last line for each reason was written (0: never).
-    last: [AtomicU64; 5],
-    suppressed: [AtomicU64; 5],
-    epoch: Instant,
+/// One rate-limited kind of log line.
+#[derive(Default)]
+struct Window {
+    /// Milliseconds since the epoch at which the last line was written (0: never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
 }
 
-fn limiter() -> &'static Limiter {
-    static LIMITER: OnceLock<Limiter> = OnceLock::new();
-    LIMITER.get_or_init(|| Limiter { last: Default::default(), suppressed: Default::default(), epoch: Instant::now() })
+impl Window {
+    /// `Some(lines suppressed since the last one)` when a line may be written now.
+    fn admit(&self) -> Option<u64> {
+        let now = epoch().elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Relaxed);
+        let window = FAILURE_LOG_WINDOW.as_millis() as u64;
+        if last != 0 && now.saturating_sub(last) < window
+            || self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err()
+        {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Relaxed))
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 /// Logs why an upgrade failed, at most once per reason per window.
 pub fn upgrade_failure(reason: UpgradeFailure, detail: &str) {
-    let l = limiter();
+    static WINDOWS: OnceLock<[Window; UpgradeFailure::ALL.len()]> = OnceLock::new();
+    let windows = WINDOWS.get_or_init(Default::default);
     let i = UpgradeFailure::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-    let now = l.epoch.elapsed().as_millis() as u64 + 1;
-    let last = l.last[i].load(Relaxed);
-    let window = FAILURE_LOG_WINDOW.as_millis() as u64;
-    if last != 0 && now.saturating_sub(last) < window
-        || l.last[i].compare_exchange(last, now, Relaxed, Relaxed).is_err()
-    {
-        l.suppressed[i].fetch_add(1, Relaxed);
-        return;
+    if let Some(suppressed) = windows[i].admit() {
+        tracing::warn!(reason = reason.as_str(), detail, suppressed, "upgrade failed");
     }
-    let suppressed = l.suppressed[i].swap(0, Relaxed);
-    tracing::warn!(reason = reason.as_str(), detail, suppressed, "upgrade failed");
+}
+
+/// Logs a failed `accept` (out of descriptors or memory), at most once per window: a flood of
+/// refused clients must not flood the log as well.
+pub fn accept_failure(error: &std::io::Error) {
+    static WINDOW: OnceLock<Window> = OnceLock::new();
+    if let Some(suppressed) = WINDOW.get_or_init(Default::default).admit() {
+        tracing::error!(%error, suppressed, "accept failed: wskeep is out of local resources");
+    }
 }

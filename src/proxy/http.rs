@@ -48,6 +48,9 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) 
             tracing::debug!(error = %e, "upstream HTTP request failed");
             if timed_out(&e) {
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
+            } else if io_source(&e).is_some_and(crate::admission::is_out_of_resources) {
+                // wskeep's own descriptors or memory ran out: not the upstream's fault.
+                text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is out of local resources\n")
             } else {
                 text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
             }
@@ -59,12 +62,17 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) 
 /// Whether the connector gave up on `upstream.connect_timeout` (an `io::ErrorKind::TimedOut`
 /// somewhere in the error's source chain).
 fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    io_source(e).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// The first I/O error in the error's source chain.
+fn io_source<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
     let mut source = Some(e);
     while let Some(err) = source {
-        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return true;
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io);
         }
         source = err.source();
     }
-    false
+    None
 }
