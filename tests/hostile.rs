@@ -361,7 +361,9 @@ async fn an_upstream_101_that_breaks_rfc_6455_gets_the_client_502() {
     let cert = common::test_cert();
     let (upstream, mut upstreams) = common::raw_upstream().await;
     let sidecar = common::start_sidecar(common::test_config(upstream, Some(&cert), "")).await;
-    let cases: [(&str, fn(&str) -> String); 6] = [
+    // The response headers, given the right accept key.
+    type Headers = fn(&str) -> String;
+    let cases: [(&str, Headers); 6] = [
         ("no Upgrade", |a| format!("Connection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\n")),
         ("Upgrade: h2c", |a| format!("Upgrade: h2c\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\n")),
         ("no Connection", |a| format!("Upgrade: websocket\r\nSec-WebSocket-Accept: {a}\r\n")),

@@ -318,13 +318,13 @@ async fn a_client_gone_before_its_101_gets_the_upstream_1001_and_is_counted() {
     let (upstream_addr, mut upstreams) = common::raw_upstream().await;
     let sidecar = common::start_sidecar(common::test_config(upstream_addr, None, "")).await;
     let client = tokio::net::TcpSocket::new_v4().unwrap();
+    // Linger 0: closing sends a reset.
+    client.set_zero_linger().unwrap();
     let mut client = client.connect(sidecar.addr).await.unwrap();
     let mut request = upgrade_head("/gone", Some("dGhlIHNhbXBsZSBub25jZQ==")).into_bytes();
     request.extend_from_slice(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
     client.write_all(&request).await.unwrap();
     let (head, mut upstream) = tokio::time::timeout(LIMIT, upstreams.recv()).await.unwrap().unwrap();
-    // Linger 0: close sends a reset.
-    client.set_linger(Some(Duration::ZERO)).unwrap();
     drop(client);
     let accept = common::accept_for(&head);
     let answer =
