@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -156,14 +157,9 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
                 Ok((tcp, peer)) => (tcp, peer, Admission::Slots(slots.clone())),
                 Err(e) if is_out_of_resources(&e) => {
                     crate::telemetry::accept_failure(&e);
-                    // The reserved descriptor lets one waiting client in, to be told 503.
-                    let Some(permit) = reserve.release() else {
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    };
-                    match listener.accept().await {
-                        Ok((tcp, peer)) => (tcp, peer, Admission::OutOfResources(permit)),
-                        Err(_) => continue,
+                    match accept_on_reserve(listener, &mut reserve).await {
+                        Some((tcp, peer, permit)) => (tcp, peer, Admission::OutOfResources(permit)),
+                        None => continue,
                     }
                 }
                 Err(e) => {
@@ -182,6 +178,32 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
             );
         }
         shared.drain.spawn(serve_connection(tcp, peer, shared.clone(), acceptor.clone(), place, admission));
+    }
+}
+
+/// `accept` failed for want of a descriptor: the reserved one is freed and a waiting client taken
+/// in the same breath (so that no other socket takes the descriptor first), to be told 503.
+/// Linux reports EMFILE before it looks at the queue, so there may be no client: the descriptor
+/// is then taken back. Without the reserve (in use, or taken meanwhile), waits a little.
+async fn accept_on_reserve(
+    listener: &TcpListener,
+    reserve: &mut FdReserve,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let Some(permit) = reserve.release() else {
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+        return None;
+    };
+    match std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await {
+        Poll::Ready(Ok((tcp, peer))) => Some((tcp, peer, permit)),
+        Poll::Ready(Err(_)) => {
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            None
+        }
+        Poll::Pending => {
+            drop(permit);
+            reserve.refill();
+            None
+        }
     }
 }
 
