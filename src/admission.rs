@@ -9,12 +9,17 @@
 //!
 //! When descriptors run out anyway (the upstream legs and anything else share the process's
 //! limit), one descriptor held in reserve (`FdReserve`) lets the accept loop take a waiting
-//! client and answer it 503 (`local_limit`) instead of leaving it in the kernel's backlog.
+//! client and answer it 503 (`local_limit`) instead of leaving it in the kernel's backlog. The
+//! descriptor it frees goes to the lowest free number, so whatever creates a socket next gets
+//! it: the upstream connections are created under the same lock (`upstream_socket`), so that
+//! only the waiting client can.
 
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use tokio::net::TcpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -22,6 +27,25 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 /// rather than that the peer failed: EMFILE, ENFILE, ENOBUFS, ENOMEM.
 pub fn is_out_of_resources(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Held while the reserve's descriptor is traded for a client, and while an upstream socket is
+/// created: between the two, no socket of wskeep's takes the descriptor meant for the client.
+static DESCRIPTORS: Mutex<()> = Mutex::new(());
+
+fn descriptors() -> std::sync::MutexGuard<'static, ()> {
+    // Guards no data: a panic while it was held leaves nothing inconsistent.
+    DESCRIPTORS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A socket for an upstream connection to `addr`.
+pub fn upstream_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    let _lock = descriptors();
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
 }
 
 /// The connections in their handshake, oldest first.
@@ -104,26 +128,42 @@ pub struct FdReserve {
     in_use: Arc<Semaphore>,
 }
 
+fn open_reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
 impl Default for FdReserve {
     fn default() -> Self {
-        FdReserve { file: std::fs::File::open("/dev/null").ok(), in_use: Arc::new(Semaphore::new(1)) }
+        FdReserve { file: open_reserve(), in_use: Arc::new(Semaphore::new(1)) }
     }
 }
 
 impl FdReserve {
-    /// Frees the reserved descriptor for one connection, which holds the returned permit while
-    /// it lives; `None` if the reserve is empty or still in use.
-    pub fn release(&mut self) -> Option<OwnedSemaphorePermit> {
+    /// Whether the descriptor is held and free to spend.
+    pub fn is_ready(&self) -> bool {
+        self.file.is_some() && self.in_use.available_permits() == 1
+    }
+
+    /// Frees the reserved descriptor and calls `take` at once, under the descriptor lock; what
+    /// `take` got comes back with the permit its connection holds while it lives. If `take` got
+    /// nothing, the descriptor is taken back in the same breath.
+    pub fn spend<T>(&mut self, take: impl FnOnce() -> Option<T>) -> Option<(T, OwnedSemaphorePermit)> {
+        let _lock = descriptors();
         self.file.as_ref()?;
         let permit = self.in_use.clone().try_acquire_owned().ok()?;
         self.file = None;
-        Some(permit)
+        let taken = take();
+        if taken.is_none() {
+            self.file = open_reserve();
+        }
+        taken.map(|t| (t, permit))
     }
 
     /// Takes the descriptor back once the connection that used it has ended (if one is free).
     pub fn refill(&mut self) {
         if self.file.is_none() && self.in_use.available_permits() == 1 {
-            self.file = std::fs::File::open("/dev/null").ok();
+            let _lock = descriptors();
+            self.file = open_reserve();
         }
     }
 }
@@ -157,12 +197,17 @@ mod tests {
     #[test]
     fn the_reserve_serves_one_connection_at_a_time() {
         let mut reserve = FdReserve::default();
-        let permit = reserve.release().expect("a reserve at start");
-        assert!(reserve.release().is_none());
+        assert!(reserve.is_ready());
+        // Nothing taken: the descriptor is back at once.
+        assert!(reserve.spend(|| None::<()>).is_none());
+        assert!(reserve.is_ready());
+        let (_, permit) = reserve.spend(|| Some(())).expect("a reserve at start");
+        assert!(!reserve.is_ready());
+        assert!(reserve.spend(|| Some(())).is_none());
         reserve.refill();
-        assert!(reserve.release().is_none(), "still in use");
+        assert!(!reserve.is_ready(), "still in use");
         drop(permit);
         reserve.refill();
-        assert!(reserve.release().is_some());
+        assert!(reserve.is_ready());
     }
 }

@@ -148,14 +148,22 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
     let handshakes = Handshakes::new(shared.config.listen.max_handshakes as usize);
     let mut reserve = FdReserve::default();
     let mut draining = pin!(shared.drain.draining());
+    // Failed accepts since the last one that worked, for the recovery line.
+    let mut failed_accepts = 0u64;
     loop {
         reserve.refill();
         let (tcp, peer, admission) = tokio::select! {
             biased;
             _ = &mut draining => return,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => (tcp, peer, Admission::Slots(slots.clone())),
+                Ok((tcp, peer)) => {
+                    if failed_accepts > 0 {
+                        crate::telemetry::accept_recovered(std::mem::take(&mut failed_accepts));
+                    }
+                    (tcp, peer, Admission::Slots(slots.clone()))
+                }
                 Err(e) if is_out_of_resources(&e) => {
+                    failed_accepts += 1;
                     crate::telemetry::accept_failure(&e);
                     match accept_on_reserve(listener, &mut reserve).await {
                         Some((tcp, peer, permit)) => (tcp, peer, Admission::OutOfResources(permit)),
@@ -182,29 +190,31 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
 }
 
 /// `accept` failed for want of a descriptor: the reserved one is freed and a waiting client taken
-/// in the same breath (so that no other socket takes the descriptor first), to be told 503.
-/// Linux reports EMFILE before it looks at the queue, so there may be no client: the descriptor
-/// is then taken back. Without the reserve (in use, or taken meanwhile), waits a little.
+/// in the same breath, to be told 503. Linux reports EMFILE before it looks at the queue, so
+/// there may be no client: the descriptor is then taken back. Without the reserve (in use, or
+/// taken by something else meanwhile), waits a little.
 async fn accept_on_reserve(
     listener: &TcpListener,
     reserve: &mut FdReserve,
 ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-    let Some(permit) = reserve.release() else {
-        tokio::time::sleep(ACCEPT_BACKOFF).await;
-        return None;
-    };
-    match std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await {
-        Poll::Ready(Ok((tcp, peer))) => Some((tcp, peer, permit)),
-        Poll::Ready(Err(_)) => {
-            tokio::time::sleep(ACCEPT_BACKOFF).await;
-            None
+    if reserve.is_ready() {
+        let spent = std::future::poll_fn(|cx| {
+            Poll::Ready(reserve.spend(|| match listener.poll_accept(cx) {
+                Poll::Ready(Ok(pair)) => Some(pair),
+                _ => None,
+            }))
+        })
+        .await;
+        if let Some(((tcp, peer), permit)) = spent {
+            return Some((tcp, peer, permit));
         }
-        Poll::Pending => {
-            drop(permit);
-            reserve.refill();
-            None
+        if reserve.is_ready() {
+            // Nobody was waiting, and the descriptor is back.
+            return None;
         }
     }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+    None
 }
 
 /// Binds the proxy listener with `LISTEN_BACKLOG` (`TcpListener::bind` would use 128).

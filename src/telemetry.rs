@@ -107,3 +107,11 @@ pub fn accept_failure(error: &std::io::Error) {
         tracing::error!(%error, suppressed, "accept failed: wskeep is out of local resources");
     }
 }
+
+/// Logs that `accept` works again after `failed` failures, at most once per window.
+pub fn accept_recovered(failed: u64) {
+    static WINDOW: OnceLock<Window> = OnceLock::new();
+    if WINDOW.get_or_init(Default::default).admit().is_some() {
+        tracing::warn!(failed_accepts = failed, "accepting again");
+    }
+}

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::{headers, lone_leg, text, Body, ConnMeta, Shared};
-use crate::admission::is_out_of_resources;
+use crate::admission::{self, is_out_of_resources};
 use crate::legstream::LegStream;
 use crate::relay::{self, Outcome};
 use crate::vocab::{End, Side, UpgradeFailure};
@@ -92,7 +92,7 @@ async fn open_upstream(
     offered: &[String],
 ) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
     let upstream = &shared.config.upstream;
-    let tcp = match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(&upstream.authority)).await {
+    let tcp = match tokio::time::timeout(upstream.connect_timeout, connect(&upstream.authority)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if is_out_of_resources(&e) => return Err(UpstreamFailure::LocalLimit(e.to_string())),
         Ok(Err(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
@@ -128,6 +128,18 @@ async fn open_upstream(
     headers::check_upgrade_response(response.headers(), &key, offered).map_err(UpstreamFailure::BadHandshake)?;
     let upgrade = hyper::upgrade::on(&mut response);
     Ok((response, upgrade))
+}
+
+/// `TcpStream::connect`, with each socket made by `admission::upstream_socket`.
+async fn connect(authority: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(authority).await? {
+        match admission::upstream_socket(addr)?.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the upstream host has no address")))
 }
 
 /// The client's answer when the upstream leg failed.
