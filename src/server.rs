@@ -286,8 +286,10 @@ async fn serve_connection(
     // Decided at the first request, for the connection's life.
     let slot: Arc<OnceLock<Option<Arc<OwnedSemaphorePermit>>>> = Arc::default();
     let service = service_fn(move |req| {
-        seen.store(true, Relaxed);
-        service_place.leave();
+        if !seen.swap(true, Relaxed) {
+            // The handshake is over: its place goes to another connection.
+            service_place.leave();
+        }
         let shared = service_shared.clone();
         let admitted = slot.get_or_init(|| match &admission {
             Admission::Slots(slots) => slots.clone().try_acquire_owned().ok().map(Arc::new),

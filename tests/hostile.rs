@@ -1,6 +1,7 @@
-//! Hostile and malformed input: each gets the right answer (a TLS failure, 400, 431, 426, or a
-//! close frame with 1002, 1007 or 1009) and has no effect on other connections. Every test keeps
+//! Hostile and malformed input: each gets the right answer (a TLS failure, 400, 405, 431, 426, or
+//! a close frame with 1002, 1007 or 1009) and has no effect on other connections. Every test keeps
 //! one healthy echo connection open across the abuse and checks that it still echoes afterwards.
+//! A hostile upstream too: a 101 that breaks RFC 6455 gets the client 502.
 //!
 //! Close codes are read with wskeep's own frame client, which reports them raw (tungstenite's
 //! client turns a received 1014 into 1002), and malformed frames are written with `queue_raw`

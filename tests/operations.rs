@@ -1,6 +1,8 @@
 //! Operations: shutdown (signals and `/drain`) against the real binary, certificate reload (file
-//! rewrite, Kubernetes `..data` symlink swap, a broken pair refused), the connection limit, slow
-//! clients cut at the handshake timeout, and oversized request heads.
+//! rewrite, Kubernetes `..data` symlink swap, a broken pair refused), the connection limit and
+//! drain refusals, floods of silent connections, descriptors running out (the real binary under
+//! a low `RLIMIT_NOFILE`), slow clients cut at the first-byte and handshake timeouts, and
+//! oversized request heads.
 
 mod common;
 
