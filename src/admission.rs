@@ -8,11 +8,12 @@
 //!   the rest of its life, or is answered 503 (`limit`); `server` does that part.
 //!
 //! When descriptors run out anyway (the upstream legs and anything else share the process's
-//! limit), one descriptor held in reserve (`FdReserve`) lets the accept loop take a waiting
-//! client and answer it 503 (`local_limit`) instead of leaving it in the kernel's backlog. The
-//! descriptor it frees goes to the lowest free number, so whatever creates a socket next gets
-//! it: the upstream connections are created under the same lock (`upstream_socket`), so that
-//! only the waiting client can.
+//! limit), one descriptor held in reserve lets the accept loop take a waiting client and answer
+//! it 503 (`local_limit`) instead of leaving it in the kernel's backlog (`spend_reserve`). A
+//! freed descriptor goes to whoever creates one next, so the reserve has priority: upstream
+//! sockets are created under the reserve's lock (`upstream_socket`), after taking the reserve
+//! back if it is empty, and the descriptor the reserve frees for a client is accepted on under
+//! that lock too.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -20,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpSocket;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Whether an I/O error means wskeep itself is out of resources (descriptors, buffers, memory)
@@ -29,18 +29,77 @@ pub fn is_out_of_resources(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
-/// Held while the reserve's descriptor is traded for a client, and while an upstream socket is
-/// created: between the two, no socket of wskeep's takes the descriptor meant for the client.
-static DESCRIPTORS: Mutex<()> = Mutex::new(());
-
-fn descriptors() -> std::sync::MutexGuard<'static, ()> {
-    // Guards no data: a panic while it was held leaves nothing inconsistent.
-    DESCRIPTORS.lock().unwrap_or_else(|e| e.into_inner())
+/// The descriptor kept in reserve (of `/dev/null`), one per process like the descriptor limit.
+struct Reserve {
+    file: Option<std::fs::File>,
+    /// A connection accepted on it is still open.
+    in_use: bool,
 }
 
-/// A socket for an upstream connection to `addr`.
+static RESERVE: Mutex<Reserve> = Mutex::new(Reserve { file: None, in_use: false });
+
+fn reserve() -> std::sync::MutexGuard<'static, Reserve> {
+    // Plain data: a panic while holding the lock cannot leave it inconsistent.
+    RESERVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Reserve {
+    fn refill(&mut self) {
+        if self.file.is_none() && !self.in_use {
+            self.file = std::fs::File::open("/dev/null").ok();
+        }
+    }
+}
+
+/// Takes the reserved descriptor (back) if it is free and one is to be had.
+pub fn refill_reserve() {
+    reserve().refill();
+}
+
+/// Whether the reserved descriptor is held and free to spend.
+pub fn reserve_ready() -> bool {
+    let r = reserve();
+    r.file.is_some() && !r.in_use
+}
+
+/// Frees the reserved descriptor and calls `take` at once, under the reserve's lock; what `take`
+/// got comes back with the ticket its connection holds while it lives. If `take` got nothing,
+/// the descriptor is taken back in the same breath.
+pub fn spend_reserve<T>(take: impl FnOnce() -> Option<T>) -> Option<(T, ReserveTicket)> {
+    let mut r = reserve();
+    if r.file.is_none() || r.in_use {
+        return None;
+    }
+    r.file = None;
+    match take() {
+        Some(taken) => {
+            r.in_use = true;
+            Some((taken, ReserveTicket(())))
+        }
+        None => {
+            r.refill();
+            None
+        }
+    }
+}
+
+/// Held by the connection accepted on the reserved descriptor; when it ends, the reserve is
+/// taken back (or, if its socket is not closed yet, by the next `upstream_socket` or accept).
+pub struct ReserveTicket(());
+
+impl Drop for ReserveTicket {
+    fn drop(&mut self) {
+        let mut r = reserve();
+        r.in_use = false;
+        r.refill();
+    }
+}
+
+/// A socket for an upstream connection to `addr`, created after the reserve is taken back if
+/// it is empty: a freed descriptor goes to the reserve first.
 pub fn upstream_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
-    let _lock = descriptors();
+    let mut r = reserve();
+    r.refill();
     if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -121,53 +180,6 @@ impl Drop for HandshakePlace {
     }
 }
 
-/// One descriptor (of `/dev/null`) kept for the moment `accept` fails for want of descriptors.
-pub struct FdReserve {
-    file: Option<std::fs::File>,
-    /// Held by the connection accepted on the reserve, until it ends.
-    in_use: Arc<Semaphore>,
-}
-
-fn open_reserve() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
-}
-
-impl Default for FdReserve {
-    fn default() -> Self {
-        FdReserve { file: open_reserve(), in_use: Arc::new(Semaphore::new(1)) }
-    }
-}
-
-impl FdReserve {
-    /// Whether the descriptor is held and free to spend.
-    pub fn is_ready(&self) -> bool {
-        self.file.is_some() && self.in_use.available_permits() == 1
-    }
-
-    /// Frees the reserved descriptor and calls `take` at once, under the descriptor lock; what
-    /// `take` got comes back with the permit its connection holds while it lives. If `take` got
-    /// nothing, the descriptor is taken back in the same breath.
-    pub fn spend<T>(&mut self, take: impl FnOnce() -> Option<T>) -> Option<(T, OwnedSemaphorePermit)> {
-        let _lock = descriptors();
-        self.file.as_ref()?;
-        let permit = self.in_use.clone().try_acquire_owned().ok()?;
-        self.file = None;
-        let taken = take();
-        if taken.is_none() {
-            self.file = open_reserve();
-        }
-        taken.map(|t| (t, permit))
-    }
-
-    /// Takes the descriptor back once the connection that used it has ended (if one is free).
-    pub fn refill(&mut self) {
-        if self.file.is_none() && self.in_use.available_permits() == 1 {
-            let _lock = descriptors();
-            self.file = open_reserve();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,18 +208,18 @@ mod tests {
 
     #[test]
     fn the_reserve_serves_one_connection_at_a_time() {
-        let mut reserve = FdReserve::default();
-        assert!(reserve.is_ready());
+        refill_reserve();
+        assert!(reserve_ready());
         // Nothing taken: the descriptor is back at once.
-        assert!(reserve.spend(|| None::<()>).is_none());
-        assert!(reserve.is_ready());
-        let (_, permit) = reserve.spend(|| Some(())).expect("a reserve at start");
-        assert!(!reserve.is_ready());
-        assert!(reserve.spend(|| Some(())).is_none());
-        reserve.refill();
-        assert!(!reserve.is_ready(), "still in use");
-        drop(permit);
-        reserve.refill();
-        assert!(reserve.is_ready());
+        assert!(spend_reserve(|| None::<()>).is_none());
+        assert!(reserve_ready());
+        let (_, ticket) = spend_reserve(|| Some(())).expect("a reserve");
+        assert!(!reserve_ready());
+        assert!(spend_reserve(|| Some(())).is_none(), "one connection at a time");
+        refill_reserve();
+        assert!(!reserve_ready(), "still in use");
+        // The connection ends: the descriptor is taken back.
+        drop(ticket);
+        assert!(reserve_ready());
     }
 }

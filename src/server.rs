@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{is_out_of_resources, FdReserve, HandshakePlace, Handshakes};
+use crate::admission::{self, is_out_of_resources, HandshakePlace, Handshakes, ReserveTicket};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::metrics::Metrics;
@@ -146,13 +146,12 @@ impl Server {
 async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Option<TlsAcceptor>) {
     let slots = Arc::new(Semaphore::new(shared.config.listen.max_connections as usize));
     let handshakes = Handshakes::new(shared.config.listen.max_handshakes as usize);
-    let mut reserve = FdReserve::default();
     let mut draining = pin!(shared.drain.draining());
     // Failed accepts since the last one that worked, for the recovery line.
     let mut failed_accepts = 0u64;
     loop {
-        reserve.refill();
-        let (tcp, peer, admission) = tokio::select! {
+        admission::refill_reserve();
+        let (tcp, peer, admitted_by) = tokio::select! {
             biased;
             _ = &mut draining => return,
             accepted = listener.accept() => match accepted {
@@ -165,8 +164,8 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
                 Err(e) if is_out_of_resources(&e) => {
                     failed_accepts += 1;
                     crate::telemetry::accept_failure(&e);
-                    match accept_on_reserve(listener, &mut reserve).await {
-                        Some((tcp, peer, permit)) => (tcp, peer, Admission::OutOfResources(permit)),
+                    match accept_on_reserve(listener).await {
+                        Some((tcp, peer, ticket)) => (tcp, peer, Admission::OutOfResources(ticket)),
                         None => continue,
                     }
                 }
@@ -185,7 +184,7 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
                 "listen.max_handshakes connections were in their handshake: the oldest was dropped",
             );
         }
-        shared.drain.spawn(serve_connection(tcp, peer, shared.clone(), acceptor.clone(), place, admission));
+        shared.drain.spawn(serve_connection(tcp, peer, shared.clone(), acceptor.clone(), place, admitted_by));
     }
 }
 
@@ -193,22 +192,19 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Opt
 /// in the same breath, to be told 503. Linux reports EMFILE before it looks at the queue, so
 /// there may be no client: the descriptor is then taken back. Without the reserve (in use, or
 /// taken by something else meanwhile), waits a little.
-async fn accept_on_reserve(
-    listener: &TcpListener,
-    reserve: &mut FdReserve,
-) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-    if reserve.is_ready() {
+async fn accept_on_reserve(listener: &TcpListener) -> Option<(TcpStream, SocketAddr, ReserveTicket)> {
+    if admission::reserve_ready() {
         let spent = std::future::poll_fn(|cx| {
-            Poll::Ready(reserve.spend(|| match listener.poll_accept(cx) {
+            Poll::Ready(admission::spend_reserve(|| match listener.poll_accept(cx) {
                 Poll::Ready(Ok(pair)) => Some(pair),
                 _ => None,
             }))
         })
         .await;
-        if let Some(((tcp, peer), permit)) = spent {
-            return Some((tcp, peer, permit));
+        if let Some(((tcp, peer), ticket)) = spent {
+            return Some((tcp, peer, ticket));
         }
-        if reserve.is_ready() {
+        if admission::reserve_ready() {
             // Nobody was waiting, and the descriptor is back.
             return None;
         }
@@ -231,8 +227,8 @@ enum Admission {
     /// 503 (`limit`) with every later one if none is free.
     Slots(Arc<Semaphore>),
     /// Accepted on the reserved descriptor: every request gets 503 (`local_limit`).
-    #[allow(dead_code)] // the reserve's permit is held for its Drop
-    OutOfResources(OwnedSemaphorePermit),
+    #[allow(dead_code)] // the ticket is held for its Drop
+    OutOfResources(ReserveTicket),
 }
 
 /// The first byte, TLS and the first request head must all arrive within the handshake timeout
