@@ -21,7 +21,9 @@ use crate::size::ByteSize;
 #[macro_use]
 mod keys;
 mod env;
+mod fd_budget;
 mod unknown;
+pub use fd_budget::{MAX_CONNECTIONS_CAP, MAX_HANDSHAKES_CAP};
 
 /// The environment variable that names the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "WSKEEP_CONFIG";
@@ -34,10 +36,20 @@ settings! {
         tls_cert: Option<PathBuf> = None,
         tls_key: Option<PathBuf> = None,
         handshake_timeout: Duration = Duration::from_secs(10),
+        /// A connection must send its first byte within this (or `handshake_timeout`, if shorter).
+        first_byte_timeout: Duration = Duration::from_secs(3),
         idle_timeout: Duration = Duration::from_secs(60),
-        max_connections: u64 = 10_000,
+        /// Unset, derived from the descriptor limit (`fd_budget`).
+        max_connections: u64 = MAX_CONNECTIONS_CAP,
+        /// Connections still in their handshake (first byte, TLS, first request head); unset,
+        /// derived like `max_connections`.
+        max_handshakes: u64 = MAX_HANDSHAKES_CAP,
         /// Serves the stability test page on this port at this path ("/wskeep/probe"); "": off.
         probe_path: String = String::new(),
+    }
+    derived {
+        /// How the limits the configuration left unset were derived (`check` prints it).
+        derived: Vec<String> = Vec::new(),
     }
 
     [upstream] Upstream {
@@ -156,6 +168,17 @@ impl Config {
         })?;
         let mut problems = Vec::new();
         let mut config = Config::read_keys(&dict, &mut problems);
+        // Unset, the two limits are derived from the descriptor limit (`fd_budget`).
+        let set = |key: &str| dict.get("listen").and_then(|l| l.as_dict()).is_some_and(|l| l.contains_key(key));
+        let sized = fd_budget::size(
+            set("max_connections").then_some(config.listen.max_connections),
+            set("max_handshakes").then_some(config.listen.max_handshakes),
+            fd_hard_limit(),
+        );
+        config.listen.max_connections = sized.max_connections;
+        config.listen.max_handshakes = sized.max_handshakes;
+        config.listen.derived = sized.derived;
+        problems.extend(sized.problems);
         problems.extend(unknown::unknown(&dict, origins));
         problems.extend(config.validate());
         if problems.is_empty() {
@@ -199,22 +222,8 @@ impl Config {
         if self.listen.handshake_timeout.is_zero() {
             bad("listen.handshake_timeout", "must be above 0s: without it a silent socket is held forever".into());
         }
-        if self.listen.max_connections == 0 {
-            bad("listen.max_connections", "must be at least 1".into());
-        } else if let Some(limit) = fd_hard_limit() {
-            // Each proxied connection holds two descriptors; the listener must at least hold
-            // the client sockets themselves (the upstream leg is checked as a warning at start).
-            if self.listen.max_connections + FD_HEADROOM > limit {
-                bad(
-                    "listen.max_connections",
-                    format!(
-                        "{} connections cannot be held: the file-descriptor hard limit is {limit} \
-                         (raise `ulimit -Hn` or lower max_connections to at most {})",
-                        self.listen.max_connections,
-                        limit.saturating_sub(FD_HEADROOM)
-                    ),
-                );
-            }
+        if self.listen.first_byte_timeout.is_zero() {
+            bad("listen.first_byte_timeout", "must be above 0s: without it a silent socket is held forever".into());
         }
         match parse_upstream_url(&self.upstream.url) {
             Ok(authority) => self.upstream.authority = authority,
@@ -293,21 +302,11 @@ impl Config {
         toml::to_string_pretty(self).expect("config serialises to TOML")
     }
 
-    /// Warnings that do not stop wskeep (printed by `check` and logged by `run`).
+    /// Warnings that do not stop wskeep (printed by `check` and logged by `run`): limits that
+    /// were set and do not fit the descriptor limit (derived ones always fit).
     pub fn warnings(&self) -> Vec<String> {
         let mut w = variable_warnings();
-        if let Some(limit) = fd_hard_limit() {
-            let need = 2 * self.listen.max_connections + FD_HEADROOM;
-            if need > limit {
-                w.push(format!(
-                    "listen.max_connections = {} needs about {need} file descriptors when every connection \
-                     is a proxied WebSocket (two each), but the hard limit is {limit}: at most about {} \
-                     WebSocket connections can be proxied",
-                    self.listen.max_connections,
-                    limit.saturating_sub(FD_HEADROOM) / 2
-                ));
-            }
-        }
+        w.extend(fd_budget::warning(self.listen.max_connections, self.listen.max_handshakes, fd_hard_limit()));
         w
     }
 }

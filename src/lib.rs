@@ -2,7 +2,8 @@
 //!
 //! Where things live:
 //! - `config`: the TOML + environment configuration and its validation (`wskeep check`)
-//! - `server`: listener, admission, TLS termination, HTTP/1.1 serving; `Server::run`
+//! - `server`: listener, TLS termination, HTTP/1.1 serving; `Server::run`
+//! - `admission`: the handshake places, with eviction of the oldest, and the reserved descriptor
 //! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
 //!   `headers` (forwarding rules and upgrade validation)
 //! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
@@ -16,6 +17,7 @@
 //!   `legacy_upstream`), apart from it
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod connections;
 pub mod endings;

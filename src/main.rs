@@ -256,6 +256,9 @@ fn echo(listen: std::net::SocketAddr) -> ExitCode {
 fn check(path: Option<PathBuf>) -> ExitCode {
     match Config::load(path.as_deref()) {
         Ok(config) => {
+            for note in &config.listen.derived {
+                eprintln!("note: {note}");
+            }
             for warning in config.warnings() {
                 eprintln!("warning: {warning}");
             }
@@ -289,6 +292,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     };
     wskeep::telemetry::init(&config.log);
     raise_fd_limit();
+    for note in &config.listen.derived {
+        tracing::info!("{note}");
+    }
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }

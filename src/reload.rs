@@ -19,8 +19,15 @@ use crate::proxy::{Settings, Shared};
 use crate::tls::CertResolver;
 
 /// The keys a reload does not apply (README, "Reloading the configuration").
-pub const RESTART_KEYS: &[&str] =
-    &["listen.addr", "listen.max_connections", "listen.tls_cert", "listen.tls_key", "admin.addr", "log.format"];
+pub const RESTART_KEYS: &[&str] = &[
+    "listen.addr",
+    "listen.max_connections",
+    "listen.max_handshakes",
+    "listen.tls_cert",
+    "listen.tls_key",
+    "admin.addr",
+    "log.format",
+];
 
 /// Reloads one server's configuration; `reload` is called for each SIGHUP.
 pub struct Reloader {
@@ -99,6 +106,10 @@ fn keep_restart_keys(running: &Config, next: &mut Config) -> Vec<&'static str> {
     if next.listen.max_connections != running.listen.max_connections {
         kept.push("listen.max_connections");
         next.listen.max_connections = running.listen.max_connections;
+    }
+    if next.listen.max_handshakes != running.listen.max_handshakes {
+        kept.push("listen.max_handshakes");
+        next.listen.max_handshakes = running.listen.max_handshakes;
     }
     // Other certificate files are fine; switching TLS on or off changes what the listener is.
     if next.listen.tls_cert.is_some() != running.listen.tls_cert.is_some() {

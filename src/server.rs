@@ -1,12 +1,15 @@
-//! The listener: bind, accept, admit (or answer 503 past `max_connections`), terminate TLS under
-//! the handshake timeout, and serve HTTP/1.1 with upgrades. `Server::run` also starts the admin
-//! server and the certificate watcher, and returns once a requested shutdown has drained.
+//! The listener: bind, accept, admit (`admission`: a place among the connections in their
+//! handshake, then at the first request a slot of `max_connections` or 503), wait for the first
+//! byte, terminate TLS under the handshake timeout, and serve HTTP/1.1 with upgrades.
+//! `Server::run` also starts the admin server and the certificate watcher, and returns once a
+//! requested shutdown has drained.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -18,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{self, is_out_of_resources, HandshakePlace, Handshakes, ReserveTicket};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnMeta, Shared};
@@ -28,9 +32,7 @@ use crate::vocab::UpgradeFailure;
 
 /// Request heads larger than this get 431 (hyper's read buffer is capped at it).
 pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
-/// Connections past the limit that may be in the middle of being told 503; beyond, dropped.
-const REJECT_SLOTS: usize = 256;
-/// Pause after an accept error such as EMFILE, so the loop does not spin.
+/// Pause after an accept error such as EMFILE (with the reserve in use), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections the kernel queues for the accept loop. tokio (mio) listens with std's 128, which a
 /// burst of connects overflows while the loop waits for a CPU: the dropped handshakes are retried
@@ -137,45 +139,78 @@ impl Server {
 }
 
 async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, acceptor: Option<TlsAcceptor>) {
-    // A reload does not resize the listener: max_connections needs a restart (reload.rs).
-    let permits = Arc::new(Semaphore::new(shared.settings().config.listen.max_connections as usize));
-    let rejecting = Arc::new(Semaphore::new(REJECT_SLOTS));
+    // A reload does not resize the listener: both limits need a restart (reload.rs).
+    let (max_connections, max_handshakes) = {
+        let settings = shared.settings();
+        (settings.config.listen.max_connections, settings.config.listen.max_handshakes)
+    };
+    let slots = Arc::new(Semaphore::new(max_connections as usize));
+    let handshakes = Handshakes::new(max_handshakes as usize);
     let mut draining = pin!(shared.drain.draining());
-    let mut resource_errors = 0u64;
+    // Failed accepts since the last one that worked, for the recovery line.
+    let mut failed_accepts = 0u64;
     loop {
-        let (tcp, peer) = tokio::select! {
+        admission::refill_reserve();
+        let (tcp, peer, admitted_by) = tokio::select! {
             biased;
             _ = &mut draining => return,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    if is_resource_error(&e) {
-                        // Out of descriptors or memory: log the first of a run, back off, retry.
-                        if resource_errors == 0 {
-                            tracing::error!(error = %e, "accept failed; backing off until descriptors free up");
-                        }
-                        resource_errors += 1;
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                Ok((tcp, peer)) => {
+                    if failed_accepts > 0 {
+                        crate::telemetry::accept_recovered(std::mem::take(&mut failed_accepts));
                     }
+                    (tcp, peer, Admission::Slots(slots.clone()))
+                }
+                Err(e) if is_out_of_resources(&e) => {
+                    failed_accepts += 1;
+                    crate::telemetry::accept_failure(&e);
+                    match accept_on_reserve(listener).await {
+                        Some((tcp, peer, ticket)) => (tcp, peer, Admission::OutOfResources(ticket)),
+                        None => continue,
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
                     continue;
                 }
             },
         };
-        if resource_errors > 0 {
-            tracing::warn!(failed_accepts = resource_errors, "accepting again");
-            resource_errors = 0;
-        }
         let _ = tcp.set_nodelay(true);
-        let admission = match permits.clone().try_acquire_owned() {
-            Ok(permit) => Admission::Admitted(Arc::new(permit)),
-            Err(_) => match rejecting.clone().try_acquire_owned() {
-                Ok(slot) => Admission::OverLimit(slot),
-                // Even the 503 slots are taken: closing at once is the only cheap answer.
-                Err(_) => continue,
-            },
-        };
-        shared.drain.spawn(serve_connection(tcp, peer, shared.clone(), acceptor.clone(), admission));
+        let (place, evicted) = handshakes.enter();
+        if evicted {
+            shared.metrics.upgrade_failed(UpgradeFailure::HandshakeLimit);
+            crate::telemetry::upgrade_failure(
+                UpgradeFailure::HandshakeLimit,
+                "listen.max_handshakes connections were in their handshake: the oldest was dropped",
+            );
+        }
+        shared.drain.spawn(serve_connection(tcp, peer, shared.clone(), acceptor.clone(), place, admitted_by));
     }
+}
+
+/// `accept` failed for want of a descriptor: the reserved one is freed and a waiting client taken
+/// in the same breath, to be told 503. Linux reports EMFILE before it looks at the queue, so
+/// there may be no client: the descriptor is then taken back. Without the reserve (in use, or
+/// taken by something else meanwhile), waits a little.
+async fn accept_on_reserve(listener: &TcpListener) -> Option<(TcpStream, SocketAddr, ReserveTicket)> {
+    if admission::reserve_ready() {
+        let spent = std::future::poll_fn(|cx| {
+            Poll::Ready(admission::spend_reserve(|| match listener.poll_accept(cx) {
+                Poll::Ready(Ok(pair)) => Some(pair),
+                _ => None,
+            }))
+        })
+        .await;
+        if let Some(((tcp, peer), ticket)) = spent {
+            return Some((tcp, peer, ticket));
+        }
+        if admission::reserve_ready() {
+            // Nobody was waiting, and the descriptor is back.
+            return None;
+        }
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+    None
 }
 
 /// Binds the proxy listener with `LISTEN_BACKLOG` (`TcpListener::bind` would use 128).
@@ -186,63 +221,90 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-fn is_resource_error(e: &io::Error) -> bool {
-    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12
-    matches!(e.raw_os_error(), Some(24) | Some(23) | Some(105) | Some(12))
-}
-
-/// Whether this TCP connection got a listener slot.
+/// How a connection's requests are admitted.
 enum Admission {
-    Admitted(Arc<OwnedSemaphorePermit>),
-    /// Past `max_connections`: every request gets 503 and the connection closes.
-    #[allow(dead_code)] // the slot is held for its Drop
-    OverLimit(OwnedSemaphorePermit),
+    /// Its first request takes a slot of `max_connections` for the connection's life, or gets
+    /// 503 (`limit`) with every later one if none is free.
+    Slots(Arc<Semaphore>),
+    /// Accepted on the reserved descriptor: every request gets 503 (`local_limit`).
+    #[allow(dead_code)] // the ticket is held for its Drop
+    OutOfResources(ReserveTicket),
 }
 
+/// The first byte, TLS and the first request head must all arrive within the handshake timeout
+/// (the first byte within `first_byte_timeout`), while the connection holds its handshake `place`;
+/// a newer connection may take that place, which ends this one.
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<TlsAcceptor>,
+    place: HandshakePlace,
     admission: Admission,
 ) {
     // The timeouts in service when the connection came; its requests each read the settings anew.
-    let (handshake_timeout, idle_timeout) = {
+    let (handshake_timeout, first_byte_timeout, idle_timeout) = {
         let settings = shared.settings();
-        (settings.config.listen.handshake_timeout, settings.config.listen.idle_timeout)
+        let listen = &settings.config.listen;
+        (listen.handshake_timeout, listen.first_byte_timeout, listen.idle_timeout)
     };
-    // TLS and the first request head must both arrive within the handshake timeout.
     let deadline = Instant::now() + handshake_timeout;
+    let first_byte_deadline = deadline.min(Instant::now() + first_byte_timeout);
+    let tls = acceptor.is_some();
+    let handshake_failed = |reason: &str| {
+        if tls {
+            shared.metrics.tls_handshake_failures.inc();
+            crate::telemetry::tls_handshake_failure(peer, reason);
+        } else {
+            tracing::debug!(%peer, reason, "connection let go before its first request");
+        }
+    };
+    let within = |key: &str, limit: std::time::Duration| {
+        format!("nothing within listen.{key} ({})", humantime::format_duration(limit))
+    };
+    let mut byte = [0u8; 1];
+    let first_byte = tokio::select! {
+        peeked = tokio::time::timeout_at(first_byte_deadline, tcp.peek(&mut byte)) => peeked,
+        _ = place.dropped() => return,
+    };
+    match first_byte {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return, // closed, or failed, before a byte came
+        Err(_) => return handshake_failed(&within("first_byte_timeout", first_byte_timeout)),
+    }
     let io = match acceptor {
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => Either::Left(tls),
-            Ok(Err(e)) => {
-                shared.metrics.tls_handshake_failures.inc();
-                crate::telemetry::tls_handshake_failure(peer, &e.to_string());
-                return;
-            }
-            Err(_) => {
-                shared.metrics.tls_handshake_failures.inc();
-                let reason = format!(
-                    "no handshake within listen.handshake_timeout ({})",
-                    humantime::format_duration(handshake_timeout)
-                );
-                crate::telemetry::tls_handshake_failure(peer, &reason);
-                return;
-            }
+        Some(acceptor) => tokio::select! {
+            accepted = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match accepted {
+                Ok(Ok(tls)) => Either::Left(tls),
+                Ok(Err(e)) => return handshake_failed(&e.to_string()),
+                Err(_) => return handshake_failed(&within("handshake_timeout", handshake_timeout)),
+            },
+            _ = place.dropped() => return,
         },
         None => Either::Right(tcp),
     };
 
+    let place = Arc::new(place);
     let first_request = Arc::new(AtomicBool::new(false));
     let seen = first_request.clone();
     let service_shared = shared.clone();
+    let service_place = place.clone();
+    // Decided at the first request, for the connection's life.
+    let slot: Arc<OnceLock<Option<Arc<OwnedSemaphorePermit>>>> = Arc::default();
     let service = service_fn(move |req| {
-        seen.store(true, Relaxed);
+        if !seen.swap(true, Relaxed) {
+            // The handshake is over: its place goes to another connection.
+            service_place.leave();
+        }
         let shared = service_shared.clone();
-        let admitted = match &admission {
-            Admission::Admitted(permit) => Some(ConnMeta { peer, permit: permit.clone() }),
-            Admission::OverLimit(_) => None,
+        let admitted = slot.get_or_init(|| match &admission {
+            Admission::Slots(slots) => slots.clone().try_acquire_owned().ok().map(Arc::new),
+            Admission::OutOfResources(_) => None,
+        });
+        let admitted = admitted.as_ref().map(|permit| ConnMeta { peer, permit: permit.clone() });
+        let refusal = match admission {
+            Admission::Slots(_) => UpgradeFailure::Limit,
+            Admission::OutOfResources(_) => UpgradeFailure::LocalLimit,
         };
         async move {
             // hyper's `max_buf_size` only bounds a head that is still incomplete: one that arrives
@@ -252,7 +314,7 @@ async fn serve_connection(
             }
             match admitted {
                 Some(meta) => proxy::handle(req, shared, meta).await,
-                None => Ok(over_limit(&req, &shared)),
+                None => Ok(refuse(&req, &shared, refusal)),
             }
         }
     });
@@ -284,6 +346,8 @@ async fn serve_connection(
                     return;
                 }
             }
+            // Only a connection before its first request has a place a newer one can take.
+            _ = place.dropped() => return,
             _ = &mut draining, if !drain_seen => {
                 drain_seen = true;
                 conn.as_mut().graceful_shutdown();
@@ -318,14 +382,19 @@ fn head_too_large<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Respons
     response
 }
 
-fn over_limit<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<proxy::Body> {
+/// 503 past `max_connections` (`Limit`) or on the reserved descriptor (`LocalLimit`).
+fn refuse<B>(req: &hyper::Request<B>, shared: &Shared, reason: UpgradeFailure) -> hyper::Response<proxy::Body> {
+    let (detail, body) = match reason {
+        UpgradeFailure::LocalLimit => ("out of file descriptors at accept", "wskeep is out of local resources\n"),
+        _ => ("listen.max_connections reached", "too many connections\n"),
+    };
     if proxy::headers::wants_websocket(req.headers()) {
-        shared.metrics.upgrade_failed(UpgradeFailure::Limit);
-        crate::telemetry::upgrade_failure(UpgradeFailure::Limit, "listen.max_connections reached");
+        shared.metrics.upgrade_failed(reason);
+        crate::telemetry::upgrade_failure(reason, detail);
     } else {
         shared.metrics.http_request(hyper::StatusCode::SERVICE_UNAVAILABLE);
     }
-    let mut response = proxy::text(hyper::StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    let mut response = proxy::text(hyper::StatusCode::SERVICE_UNAVAILABLE, body);
     response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     response
 }

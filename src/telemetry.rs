@@ -158,6 +158,23 @@ pub fn http_failure(status: u16, reason: UpgradeFailure, peer: SocketAddr, path:
     }
 }
 
+/// Logs a failed `accept` (out of descriptors or memory), at most once per window: a flood of
+/// refused clients must not flood the log as well.
+pub fn accept_failure(error: &std::io::Error) {
+    static THROTTLE: Throttle = Throttle::new();
+    if let Some(suppressed) = THROTTLE.admit() {
+        tracing::error!(%error, suppressed, "accept failed: wskeep is out of local resources");
+    }
+}
+
+/// Logs that `accept` works again after `failed` failures, at most once per window.
+pub fn accept_recovered(failed: u64) {
+    static THROTTLE: Throttle = Throttle::new();
+    if THROTTLE.admit().is_some() {
+        tracing::warn!(failed_accepts = failed, "accepting again");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,23 +71,42 @@ impl End {
     }
 }
 
-/// Why an upgrade did not become a proxied connection.
+/// Why an upgrade did not become a proxied connection (the `reason` label). The upstream's
+/// failures, the client's, and wskeep's own limits are kept apart, so that each alert points at
+/// the hop that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpgradeFailure {
+    /// The upstream answered with something other than 101: passed to the client.
     UpstreamRefused,
+    /// The upstream could not be reached (502).
     UpstreamUnreachable,
+    /// The upstream did not connect or answer in time (504).
     UpstreamTimeout,
+    /// The upstream's 101 broke RFC 6455 §4.1 (502).
+    UpstreamBadHandshake,
+    /// The client's request was malformed (400, 426, 431).
     BadRequest,
+    /// `listen.max_connections` was reached (503).
     Limit,
+    /// `listen.max_handshakes` connections were in their handshake: the oldest was dropped.
+    HandshakeLimit,
+    /// wskeep ran out of descriptors or memory (503): its own limit, not the upstream's fault.
+    LocalLimit,
+    /// wskeep is draining for a shutdown (503).
+    Draining,
 }
 
 impl UpgradeFailure {
-    pub const ALL: [UpgradeFailure; 5] = [
+    pub const ALL: [UpgradeFailure; 9] = [
         UpgradeFailure::UpstreamRefused,
         UpgradeFailure::UpstreamUnreachable,
         UpgradeFailure::UpstreamTimeout,
+        UpgradeFailure::UpstreamBadHandshake,
         UpgradeFailure::BadRequest,
         UpgradeFailure::Limit,
+        UpgradeFailure::HandshakeLimit,
+        UpgradeFailure::LocalLimit,
+        UpgradeFailure::Draining,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -95,8 +114,12 @@ impl UpgradeFailure {
             UpgradeFailure::UpstreamRefused => "upstream_refused",
             UpgradeFailure::UpstreamUnreachable => "upstream_unreachable",
             UpgradeFailure::UpstreamTimeout => "upstream_timeout",
+            UpgradeFailure::UpstreamBadHandshake => "upstream_bad_handshake",
             UpgradeFailure::BadRequest => "bad_request",
             UpgradeFailure::Limit => "limit",
+            UpgradeFailure::HandshakeLimit => "handshake_limit",
+            UpgradeFailure::LocalLimit => "local_limit",
+            UpgradeFailure::Draining => "draining",
         }
     }
 }

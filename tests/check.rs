@@ -153,19 +153,55 @@ fn keepalive_timeouts_must_outlast_the_ping_interval() {
     assert_eq!(run.code, 0, "{}", run.stderr);
 }
 
-#[test]
-fn max_connections_beyond_the_descriptor_limit_is_refused() {
-    // Run under a known hard limit, so the result does not depend on the machine's.
+/// `wskeep check` on `text` under a known descriptor limit (soft and hard), so that the result
+/// does not depend on the machine's.
+fn check_under_limit(nofile: u64, text: &str) -> Run {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "wskeep.toml", &format!("[listen]\nmax_connections = 1000000\n{VALID}"));
-    let out = Command::new("sh")
+    let path = write(dir.path(), "wskeep.toml", text);
+    Command::new("sh")
         .arg("-c")
-        .arg("ulimit -n 4096 && exec \"$0\" check --config \"$1\"")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" check --config \"$1\""))
         .arg(env!("CARGO_BIN_EXE_wskeep"))
         .arg(&path)
         .output()
-        .unwrap();
-    assert_problem(&out.into(), "listen.max_connections", "file-descriptor");
+        .unwrap()
+        .into()
+}
+
+fn effective_limits(run: &Run) -> (i64, i64) {
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let effective: toml::Table = run.stdout.parse().expect("the effective configuration is TOML");
+    let listen = &effective["listen"];
+    (listen["max_connections"].as_integer().unwrap(), listen["max_handshakes"].as_integer().unwrap())
+}
+
+#[test]
+fn max_connections_beyond_the_descriptor_limit_is_refused() {
+    let run = check_under_limit(4096, &format!("[listen]\nmax_connections = 1000000\n{VALID}"));
+    assert_problem(&run, "listen.max_connections", "file-descriptor");
+}
+
+#[test]
+fn unset_limits_are_derived_from_the_descriptor_limit_and_check_says_how() {
+    // 256 descriptors, 64 kept for wskeep: 192 / 8 = 24 handshake places, (192 - 24) / 2 = 84
+    // proxied connections (two descriptors each).
+    let run = check_under_limit(256, VALID);
+    assert_eq!(effective_limits(&run), (84, 24));
+    assert!(run.stderr.contains("note: listen.max_connections = 84: not set"), "{}", run.stderr);
+    assert!(run.stderr.contains("hard limit 256"), "{}", run.stderr);
+    assert!(!run.stderr.contains("warning"), "derived limits fit: {}", run.stderr);
+
+    // Set, and too many for the limit: kept, with the warning.
+    let run = check_under_limit(256, &format!("[listen]\nmax_connections = 150\n{VALID}"));
+    assert_eq!(effective_limits(&run), (150, 24));
+    assert!(run.stderr.contains("warning: listen.max_connections = 150"), "{}", run.stderr);
+    assert!(run.stderr.contains("at most about 84"), "{}", run.stderr);
+
+    // Set, and fitting: no warning, nothing derived but the handshake places.
+    let run = check_under_limit(256, &format!("[listen]\nmax_connections = 80\n{VALID}"));
+    assert_eq!(effective_limits(&run), (80, 24));
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+    assert!(!run.stderr.contains("note: listen.max_connections"), "{}", run.stderr);
 }
 
 #[test]
@@ -234,7 +270,9 @@ fn a_valid_file_prints_the_effective_configuration() {
     assert_eq!(effective["client_keepalive"]["ping_interval"].as_str(), Some("15s"));
     assert_eq!(effective["shutdown"]["drain_timeout"].as_str(), Some("25s"));
     assert_eq!(effective["limits"]["max_message_size"].as_str(), Some("1MiB"));
-    assert_eq!(effective["listen"]["max_connections"].as_integer(), Some(10000));
+    // Derived from this machine's descriptor limit (see the test above), at most 10000.
+    let derived = effective["listen"]["max_connections"].as_integer().unwrap();
+    assert!((1..=10_000).contains(&derived), "{derived}");
     // And the printed configuration itself passes check.
     let again = check_text(&run.stdout, &[]);
     assert_eq!(again.code, 0, "{}", again.stderr);

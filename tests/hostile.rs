@@ -1,6 +1,7 @@
-//! Hostile and malformed input: each gets the right answer (a TLS failure, 400, 431, 426, or a
-//! close frame with 1002, 1007 or 1009) and has no effect on other connections. Every test keeps
+//! Hostile and malformed input: each gets the right answer (a TLS failure, 400, 405, 431, 426, or
+//! a close frame with 1002, 1007 or 1009) and has no effect on other connections. Every test keeps
 //! one healthy echo connection open across the abuse and checks that it still echoes afterwards.
+//! A hostile upstream too: a 101 that breaks RFC 6455 gets the client 502.
 //!
 //! Close codes are read with wskeep's own frame client, which reports them raw (tungstenite's
 //! client turns a received 1014 into 1002), and malformed frames are written with `queue_raw`
@@ -275,6 +276,135 @@ async fn bad_upgrade_requests_get_400_or_426_with_the_supported_version() {
     let text = s.metrics().await;
     assert_eq!(common::metric(&text, r#"wskeep_upgrade_failures_total{reason="bad_request"}"#), 10.0, "{text}");
     s.still_healthy().await;
+}
+
+// === HTTP request rules ===
+
+/// RFC 9112 §3.2 and the rules of a proxy that is not a tunnel: an HTTP/1.1 request without
+/// `Host`, or with two, gets 400, and so does an upgrade that carries a body (its bytes would be
+/// taken for the WebSocket stream); `CONNECT` gets 405. None of them reaches the upstream.
+#[tokio::test]
+async fn requests_without_one_host_or_with_an_upgrade_body_get_400_and_connect_405() {
+    let mut s = setup().await;
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let body = r#"{"smuggled":"yes"}"#;
+    let cases = [
+        ("plain, no Host", "GET /x HTTP/1.1\r\n\r\n".to_string(), 400),
+        ("plain, two Hosts", "GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".into(), 400),
+        ("plain, Host with user information", "GET /x HTTP/1.1\r\nHost: u@a\r\n\r\n".into(), 400),
+        ("upgrade, no Host", format!("GET /ws HTTP/1.1\r\n{upgrade}\r\n"), 400),
+        ("upgrade, two Hosts", format!("GET /ws HTTP/1.1\r\nHost: a\r\nHost: a\r\n{upgrade}\r\n"), 400),
+        (
+            "upgrade with Content-Length",
+            format!("GET /ws HTTP/1.1\r\nHost: x\r\n{upgrade}Content-Length: {}\r\n\r\n{body}", body.len()),
+            400,
+        ),
+        (
+            "upgrade with Transfer-Encoding",
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: x\r\n{upgrade}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        ("CONNECT", "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".into(), 405),
+    ];
+    for (name, request, want) in cases {
+        let (status, head, _) = exchange(&s, request.into_bytes()).await;
+        assert_eq!(status, want, "{name}");
+        if want == 405 {
+            assert!(head.contains("\r\nallow: get, "), "{name}: 405 lists the methods: {head}");
+        }
+        echo(&mut s.healthy).await;
+    }
+    // HTTP/1.0 needs no Host: it is proxied (the echo upstream refuses a plain GET, but answers).
+    let (status, _, _) = exchange(&s, b"GET /old HTTP/1.0\r\n\r\n".to_vec()).await;
+    assert!(status != 400 && status != 0, "an HTTP/1.0 request without Host got {status}");
+
+    assert_eq!(s.upstream.seen.lock().unwrap().len(), 1, "no refused request reached the upstream");
+    let text = s.metrics().await;
+    assert_eq!(common::metric(&text, r#"wskeep_upgrade_failures_total{reason="bad_request"}"#), 4.0, "{text}");
+    assert_eq!(common::metric(&text, r#"wskeep_http_requests_total{code="400"}"#), 3.0, "{text}");
+    assert_eq!(common::metric(&text, r#"wskeep_http_requests_total{code="405"}"#), 1.0, "{text}");
+    s.still_healthy().await;
+}
+
+/// A client cannot pass itself off as another address: its own `X-Real-IP` is replaced by the
+/// address wskeep sees, and `Forwarded` (RFC 7239), like `X-Forwarded-For`, gets wskeep's own
+/// element appended last, where an upstream that trusts wskeep reads it.
+#[tokio::test]
+async fn client_supplied_forwarded_and_x_real_ip_cannot_spoof_the_peer() {
+    let mut s = setup().await;
+    let spoof = [("forwarded", "for=203.0.113.66;proto=https"), ("x-real-ip", "203.0.113.66")];
+    let mut ws = common::wss(s.sidecar.addr, &s.cert, "/spoof", &spoof).await;
+    echo(&mut ws).await;
+    let seen = s.upstream.last_request();
+    let port = s.sidecar.addr.port();
+    assert_eq!(
+        seen.header("forwarded"),
+        Some(format!("for=203.0.113.66;proto=https, for=127.0.0.1;proto=https;host=\"localhost:{port}\"").as_str())
+    );
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
+    for name in ["forwarded", "x-real-ip"] {
+        assert_eq!(seen.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).count(), 1, "{name}");
+    }
+    s.still_healthy().await;
+}
+
+// === an upstream that breaks the handshake ===
+
+/// The upstream's 101 is checked in full (RFC 6455 §4.1): one that lacks `Upgrade: websocket`
+/// or `Connection: upgrade`, has a wrong accept key, or picks an extension or a subprotocol that
+/// was not offered gets the client 502, counted as `upstream_bad_handshake` (an upstream
+/// failure), and the upstream connection is dropped without a WebSocket.
+#[tokio::test]
+async fn an_upstream_101_that_breaks_rfc_6455_gets_the_client_502() {
+    let cert = common::test_cert();
+    let (upstream, mut upstreams) = common::raw_upstream().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream, Some(&cert), "")).await;
+    // The response headers, given the right accept key.
+    type Headers = fn(&str) -> String;
+    let cases: [(&str, Headers); 6] = [
+        ("no Upgrade", |a| format!("Connection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\n")),
+        ("Upgrade: h2c", |a| format!("Upgrade: h2c\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\n")),
+        ("no Connection", |a| format!("Upgrade: websocket\r\nSec-WebSocket-Accept: {a}\r\n")),
+        ("wrong accept key", |_| {
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n".into()
+        }),
+        ("an extension not offered", |a| {
+            format!("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n")
+        }),
+        ("a subprotocol not offered", |a| {
+            format!("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {a}\r\nSec-WebSocket-Protocol: v9\r\n")
+        }),
+    ];
+    for (name, headers) in cases {
+        let url = format!("wss://localhost:{}/bad", sidecar.addr.port());
+        let options = ClientOptions {
+            ca_file: Some(cert.cert.clone()),
+            timeout: Some(LIMIT),
+            subprotocols: vec!["v1".into()],
+            ..Default::default()
+        };
+        let client = tokio::spawn(async move { client::connect(&url, &options).await.map(|_| ()) });
+        let (head, mut tcp) = tokio::time::timeout(LIMIT, upstreams.recv()).await.unwrap().unwrap();
+        assert!(!head.to_ascii_lowercase().contains("sec-websocket-extensions"), "nothing is offered: {head}");
+        let answer = format!("HTTP/1.1 101 Switching Protocols\r\n{}\r\n", headers(&common::accept_for(&head)));
+        tcp.write_all(answer.as_bytes()).await.unwrap();
+        match client.await.unwrap() {
+            Err(client::ClientError::Refused { status: 502, .. }) => {}
+            other => panic!("{name}: expected 502, got {other:?}"),
+        }
+        // wskeep drops the upstream connection: no WebSocket was established.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "{name}: the upstream connection was kept open");
+        assert!(rest.is_empty(), "{name}: wskeep wrote {rest:?} after a bad 101");
+    }
+    let text = common::scrape(sidecar.admin).await;
+    assert_eq!(common::metric(&text, r#"wskeep_upgrade_failures_total{reason="upstream_bad_handshake"}"#), 6.0);
+    assert_eq!(common::metric(&text, r#"wskeep_upgrade_failures_total{reason="upstream_unreachable"}"#), 0.0);
+    assert_eq!(common::metric(&text, "wskeep_connections_total"), 0.0);
 }
 
 // === malformed frames after a proper handshake ===

@@ -308,6 +308,57 @@ async fn upstream_killed_sends_1014_to_the_client() {
     assert_eq!(sample(&text, &close_codes("upstream", "sent", "1001")), None, "nothing can be written upstream");
 }
 
+/// The client vanishes (a reset) after its upgrade request, while wskeep waits for the upstream:
+/// the upstream's 101 is then passed on to a dead socket, so only the upstream leg upgrades. That
+/// leg gets 1001 "client gone" and a closing handshake, not a bare TCP drop, and the ending is
+/// counted like any other `client_error`. The client sends a frame right behind its request (as
+/// eager clients do), so wskeep learns of the reset only when it writes the 101.
+#[tokio::test]
+async fn a_client_gone_before_its_101_gets_the_upstream_1001_and_is_counted() {
+    let (upstream_addr, mut upstreams) = common::raw_upstream().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream_addr, None, "")).await;
+    let client = tokio::net::TcpSocket::new_v4().unwrap();
+    // Linger 0: closing sends a reset.
+    client.set_zero_linger().unwrap();
+    let mut client = client.connect(sidecar.addr).await.unwrap();
+    let mut request = upgrade_head("/gone", Some("dGhlIHNhbXBsZSBub25jZQ==")).into_bytes();
+    request.extend_from_slice(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
+    client.write_all(&request).await.unwrap();
+    let (head, mut upstream) = tokio::time::timeout(LIMIT, upstreams.recv()).await.unwrap().unwrap();
+    drop(client);
+    let accept = common::accept_for(&head);
+    let answer =
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+    upstream.write_all(answer.as_bytes()).await.unwrap();
+
+    // A masked close frame (wskeep is the client on this leg): 1001 "client gone".
+    let mut frame = [0u8; 6];
+    tokio::time::timeout(LIMIT, upstream.read_exact(&mut frame))
+        .await
+        .expect("wskeep writes within the limit")
+        .expect("a close frame, not the end of the connection");
+    assert_eq!(frame[0], 0x88, "a close frame: {frame:?}");
+    assert_eq!(frame[1] & 0x80, 0x80, "masked");
+    let mut payload = vec![0u8; (frame[1] & 0x7f) as usize];
+    upstream.read_exact(&mut payload).await.unwrap();
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= frame[2 + i % 4];
+    }
+    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+    assert_eq!(&payload[2..], b"client gone");
+    // The closing handshake completes: the answer, then wskeep ends the connection.
+    upstream.write_all(&[0x88, 0x02, 0x03, 0xe8]).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(LIMIT, upstream.read_to_end(&mut rest)).await.expect("wskeep ends the leg").unwrap();
+
+    let text = wait_sample(sidecar.admin, &ended("client_error"), 1.0).await;
+    assert_sample(&text, &close_codes("upstream", "sent", "1001"), 1.0);
+    assert_sample(&text, &close_codes("upstream", "received", "1000"), 1.0);
+    assert_sample(&text, &close_codes("client", "received", "1006"), 1.0);
+    assert_sample(&text, "wskeep_connections_total", 0.0);
+    assert_sample(&text, "wskeep_connections_active", 0.0);
+}
+
 #[tokio::test]
 async fn silent_client_times_out_and_upstream_gets_1001() {
     let upstream = common::TestUpstream::start().await;
@@ -365,7 +416,15 @@ async fn upgrade_failures_are_counted_by_reason() {
     } else {
         wait_sample(sidecar.admin, r#"wskeep_upgrade_failures_total{reason="bad_request"}"#, 1.0).await
     };
-    for reason in ["upstream_unreachable", "upstream_timeout", "limit"] {
+    for reason in [
+        "upstream_unreachable",
+        "upstream_timeout",
+        "upstream_bad_handshake",
+        "limit",
+        "handshake_limit",
+        "local_limit",
+        "draining",
+    ] {
         assert_sample(&text, &format!(r#"wskeep_upgrade_failures_total{{reason="{reason}"}}"#), 0.0);
     }
     assert_sample(&text, "wskeep_connections_total", 0.0);

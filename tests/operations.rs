@@ -1,6 +1,8 @@
 //! Operations: shutdown (signals and `/drain`) against the real binary, certificate reload (file
-//! rewrite, Kubernetes `..data` symlink swap, a broken pair refused), the connection limit, slow
-//! clients cut at the handshake timeout, and oversized request heads.
+//! rewrite, Kubernetes `..data` symlink swap, a broken pair refused), the connection limit and
+//! drain refusals, floods of silent connections, descriptors running out (the real binary under
+//! a low `RLIMIT_NOFILE`), slow clients cut at the first-byte and handshake timeouts, and
+//! oversized request heads.
 
 mod common;
 
@@ -27,6 +29,21 @@ impl Wskeep {
             tls_config(port, admin_port, upstream, &cert.cert, &cert.key, drain_timeout)
         })
         .await
+    }
+
+    /// `start`, with more `[listen]` keys, and under a descriptor limit (soft and hard) if given.
+    async fn start_with_limits(
+        upstream: SocketAddr,
+        cert: &TestCert,
+        drain_timeout: &str,
+        listen: &str,
+        nofile: Option<u64>,
+    ) -> Wskeep {
+        let config = |port, admin_port| {
+            let text = tls_config(port, admin_port, upstream, &cert.cert, &cert.key, drain_timeout);
+            text.replacen("[admin]", &format!("{listen}[admin]"), 1)
+        };
+        Wskeep::start_limited(config, nofile).await
     }
 }
 
@@ -440,6 +457,197 @@ async fn past_max_connections_new_clients_get_503() {
     };
     echo(&mut c, "c").await;
     echo(&mut b, "b again").await;
+}
+
+/// Bytes the kernel holds unread on the socket bound to `local` and connected to `peer` (IPv4),
+/// from /proc/net/tcp: 0 once its owner has read them.
+fn unread_bytes(local: SocketAddr, peer: SocketAddr) -> Option<u64> {
+    let hex = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port()),
+        std::net::IpAddr::V6(_) => unreachable!("IPv4 only"),
+    };
+    let (local, peer) = (hex(local), hex(peer));
+    std::fs::read_to_string("/proc/net/tcp").ok()?.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 4 && f[1] == local && f[2] == peer).then(|| u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok())?
+    })
+}
+
+/// A drain refuses new upgrades with 503 counted as `draining`, which no alert watches, not as
+/// `limit`, which would fire the connection-limit alert on every rollout.
+#[tokio::test]
+async fn upgrades_refused_while_draining_are_counted_as_draining() {
+    let upstream = TestUpstream::start().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, None, "")).await;
+    // Half of an upgrade request is read by wskeep before the drain starts; the rest comes after.
+    let mut tcp = TcpStream::connect(sidecar.addr).await.unwrap();
+    let head = "GET /late HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let (first, rest) = head.split_at(40);
+    tcp.write_all(first.as_bytes()).await.unwrap();
+    let (local, peer) = (tcp.local_addr().unwrap(), tcp.peer_addr().unwrap());
+    let started = Instant::now();
+    while unread_bytes(peer, local) != Some(0) {
+        assert!(started.elapsed() < Duration::from_secs(5), "wskeep never read the first half");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sidecar.drain.start();
+    tcp.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let metrics = common::scrape(sidecar.admin).await;
+    assert_eq!(common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="draining"}"#), 1.0, "{metrics}");
+    assert_eq!(common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="limit"}"#), 0.0, "{metrics}");
+}
+
+/// Issue 12, item 10: connections that send nothing must not hold the listener. They wait in
+/// their own `max_handshakes` places, and each new arrival past them takes the place of the
+/// oldest, which is dropped and counted (`handshake_limit`): a client arriving during the flood
+/// is served, or told 503 once `max_connections` real clients are connected, never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_neither_locks_out_nor_hides_from_a_real_client() {
+    let cert = common::test_cert();
+    let upstream = TestUpstream::start().await;
+    let mut config = common::test_config(upstream.addr, Some(&cert), "");
+    config.listen.max_connections = 2;
+    config.listen.max_handshakes = 16;
+    config.listen.first_byte_timeout = Duration::from_secs(10);
+    config.listen.handshake_timeout = Duration::from_secs(10);
+    let sidecar = common::start_sidecar(config).await;
+
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(sidecar.addr).await.unwrap());
+    }
+    let mut a = try_wss(sidecar.addr, &cert).await.expect("a client arriving during the flood is served");
+    echo(&mut a, "served during the flood").await;
+    // 301 arrivals, 16 places: the 285 oldest silent connections were dropped, and counted.
+    let metrics = common::scrape(sidecar.admin).await;
+    assert_eq!(common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="handshake_limit"}"#), 285.0);
+    for (i, tcp) in silent.iter_mut().take(285).enumerate() {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "silent connection {i} was not dropped: {read:?}");
+    }
+
+    // The second slot goes to a second client; past it, a client during another flood gets 503.
+    let mut b = try_wss(sidecar.addr, &cert).await.expect("the second slot");
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(sidecar.addr).await.unwrap());
+    }
+    assert_eq!(try_wss(sidecar.addr, &cert).await.err().as_deref(), Some("HTTP 503"));
+    echo(&mut a, "a").await;
+    echo(&mut b, "b").await;
+    let metrics = common::scrape(sidecar.admin).await;
+    assert_eq!(common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="limit"}"#), 1.0);
+    assert_eq!(common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="handshake_limit"}"#), 385.0);
+}
+
+/// A connection gets `first_byte_timeout` to send anything at all, and the whole
+/// `handshake_timeout` once it has: a silent socket is let go early.
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_at_the_first_byte_timeout() {
+    let cert = Arc::new(common::test_cert());
+    let upstream = TestUpstream::start().await;
+    let mut config = common::test_config(upstream.addr, Some(&cert), "");
+    config.listen.first_byte_timeout = Duration::from_millis(300);
+    config.listen.handshake_timeout = Duration::from_millis(1500);
+    let sidecar = common::start_sidecar(config).await;
+    let hello = Arc::new(half_client_hello(&cert));
+    let (silent, half) = tokio::join!(
+        slow_client(sidecar.addr, Slow::Silent, cert.clone(), hello.clone()),
+        slow_client(sidecar.addr, Slow::HalfHello, cert.clone(), hello.clone()),
+    );
+    assert!(silent >= Duration::from_millis(250) && silent < Duration::from_millis(1000), "silent: {silent:?}");
+    assert!(half >= Duration::from_millis(1400) && half < Duration::from_secs(3), "half a hello: {half:?}");
+}
+
+/// Issue 12, item 9, against the real binary under 160 descriptors, with `max_connections = 96`
+/// set: more than two descriptors each can serve. When they run out, clients get 503 counted as
+/// `local_limit` (wskeep's own limit), never 502 and `upstream_unreachable`, which would page
+/// the upstream's owners: the last descriptor's client when connecting upstream fails, the
+/// clients queued behind it through the descriptor wskeep keeps in reserve, one at a time.
+/// The accept errors are logged once per window, not once per client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_clients_get_503_local_limit_not_502() {
+    let cert = common::test_cert();
+    let upstream = TestUpstream::start().await;
+    let wskeep = Wskeep::start_with_limits(upstream.addr, &cert, "25s", "max_connections = 96\n", Some(160)).await;
+    assert!(wskeep.log().contains("listen.max_connections = 96 and listen.max_handshakes = 12 need about"));
+
+    let mut open = Vec::new();
+    let refusal = loop {
+        match try_wss(wskeep.addr, &cert).await {
+            Ok(ws) => open.push(ws),
+            Err(how) => break how,
+        }
+        assert!(open.len() < 96, "never ran out of descriptors:\n{}", wskeep.log());
+    };
+    assert_eq!(refusal, "HTTP 503", "{} connections open\n{}", open.len(), wskeep.log());
+    // Several at once: each is answered 503 in turn, none is left hanging or dropped (or served,
+    // when two refused clients closing have freed the two descriptors it needs).
+    let mut refused = 1;
+    for how in futures_util::future::join_all((0..4).map(|_| try_wss(wskeep.addr, &cert))).await {
+        match how {
+            Ok(ws) => open.push(ws),
+            Err(how) => {
+                assert_eq!(how, "HTTP 503", "\n{}", wskeep.log());
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 3, "only {refused} refused");
+    echo(&mut open[0], "the open connections carry on").await;
+
+    // Free some descriptors (closing handshakes complete), then read the counts.
+    for mut ws in open.drain(..4) {
+        ws.close(None).await.unwrap();
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(3), ws.next()).await {}
+    }
+    let started = Instant::now();
+    let metrics = loop {
+        if let Ok((200, text)) = common::http_get(wskeep.admin, "/metrics").await {
+            break text;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "no /metrics:\n{}", wskeep.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let local_limit = common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="local_limit"}"#);
+    assert_eq!(local_limit, refused as f64, "{metrics}");
+    for reason in ["upstream_unreachable", "upstream_timeout", "limit"] {
+        let series = format!(r#"wskeep_upgrade_failures_total{{reason="{reason}"}}"#);
+        assert_eq!(common::metric(&metrics, &series), 0.0, "{reason}");
+    }
+    // A freed descriptor serves a new client again.
+    let mut again = try_wss(wskeep.addr, &cert).await.expect("served once descriptors are free");
+    echo(&mut again, "again").await;
+    let log = wskeep.log();
+    assert!(log.matches("accept failed").count() <= 1, "accept errors must be rate-limited:\n{log}");
+    assert!(log.matches("upgrade failed").count() <= 1, "upgrade failures must be rate-limited:\n{log}");
+}
+
+/// Unset, `max_connections` is derived from the descriptor limit the process has (160 here:
+/// (160 - 64 - 12) / 2 = 42), so the limit refuses clients before descriptors run out: 503
+/// counted as `limit`, and no `local_limit` at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_max_connections_fits_the_descriptor_limit() {
+    let cert = common::test_cert();
+    let upstream = TestUpstream::start().await;
+    let wskeep = Wskeep::start_with_limits(upstream.addr, &cert, "25s", "", Some(160)).await;
+    let log = wskeep.log();
+    assert!(log.contains("listen.max_connections = 42: not set"), "{log}");
+    assert!(!log.contains("need about"), "no descriptor warning for derived limits:\n{log}");
+    let mut open = Vec::new();
+    for i in 0..42 {
+        open.push(try_wss(wskeep.addr, &cert).await.unwrap_or_else(|e| panic!("client {i}: {e}\n{}", wskeep.log())));
+    }
+    assert_eq!(try_wss(wskeep.addr, &cert).await.err().as_deref(), Some("HTTP 503"));
+    echo(&mut open[41], "the last one").await;
+    let metrics = common::scrape(wskeep.admin).await;
+    assert_eq!(common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="limit"}"#), 1.0, "{metrics}");
+    assert_eq!(common::metric(&metrics, r#"wskeep_upgrade_failures_total{reason="local_limit"}"#), 0.0);
 }
 
 #[derive(Clone, Copy, Debug)]

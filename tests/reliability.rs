@@ -1062,7 +1062,7 @@ async fn descriptors_exhausted_the_binary_stays_up_does_not_spin_and_recovers() 
     const NOFILE: usize = 128;
     let _heavy = HEAVY.lock().await;
     let upstream = TestUpstream::start().await;
-    let extra = "max_connections = 64\nhandshake_timeout = \"60s\"";
+    let extra = "max_connections = 64\nhandshake_timeout = \"60s\"\nfirst_byte_timeout = \"60s\"";
     let mut wskeep = Binary::start(upstream.addr, extra, Some(NOFILE as u32)).await;
     let limits = wskeep.proc("limits");
     let nofile_line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().to_string();
@@ -1075,7 +1075,7 @@ async fn descriptors_exhausted_the_binary_stays_up_does_not_spin_and_recovers() 
     let quick = ClientOptions { timeout: Some(Duration::from_secs(2)), ..Default::default() };
 
     // Proxied WebSockets (two descriptors each) until one fails, then idle TCP connections (one
-    // each, held by the 60 s handshake timeout) until accept(2) itself fails.
+    // each, held by the 60 s first-byte timeout) until accept(2) itself fails.
     let mut held = Vec::new();
     let mut first_failure = None;
     for _ in 0..NOFILE {

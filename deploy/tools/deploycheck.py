@@ -61,7 +61,8 @@ METRICS = {
     "wskeep_connections_active": ("gauge", {}),
     "wskeep_connections_total": ("counter", {}),
     "wskeep_upgrade_failures_total": ("counter", {"reason": {
-        "upstream_refused", "upstream_unreachable", "upstream_timeout", "bad_request", "limit"}}),
+        "upstream_refused", "upstream_unreachable", "upstream_timeout", "upstream_bad_handshake",
+        "bad_request", "limit", "handshake_limit", "local_limit", "draining"}}),
     "wskeep_connection_duration_seconds": ("histogram", {"end": END}),
     "wskeep_close_codes_total": ("counter", {
         "side": SIDE, "direction": {"received", "sent"},
@@ -95,7 +96,8 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint",
 
 # Configuration keys wskeep accepts (DESIGN.md, "Configuration"); unknown keys are errors there.
 CONFIG_KEYS = {
-    "listen": {"addr", "tls_cert", "tls_key", "handshake_timeout", "idle_timeout", "max_connections", "probe_path"},
+    "listen": {"addr", "tls_cert", "tls_key", "handshake_timeout", "first_byte_timeout", "idle_timeout",
+               "max_connections", "max_handshakes", "probe_path"},
     "upstream": {"url", "connect_timeout", "response_timeout"},
     "client_keepalive": {"ping_interval", "timeout"},
     "upstream_keepalive": {"ping_interval", "pong_interval", "timeout"},

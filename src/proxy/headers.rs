@@ -1,7 +1,10 @@
 //! Header forwarding shared by the WebSocket and HTTP paths: hop-by-hop headers are dropped
-//! (RFC 9110 §7.6.1), `X-Forwarded-*` are set as nginx's `$proxy_add_x_forwarded_for` does, and
-//! the WebSocket handshake headers are checked here so the rules live in one place.
+//! (RFC 9110 §7.6.1), `X-Forwarded-*` are set as nginx's `$proxy_add_x_forwarded_for` does,
+//! `Forwarded` (RFC 7239) is appended to the same way and `X-Real-IP` is wskeep's own; the
+//! request rules (RFC 9112 §3.2, `CONNECT`) and both sides of the WebSocket handshake are checked
+//! here so the rules live in one place.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -38,11 +41,33 @@ pub fn wants_websocket(headers: &HeaderMap) -> bool {
     has_token(headers, header::UPGRADE, "websocket")
 }
 
-/// Why an upgrade request is refused before the upstream is asked.
+/// Why a request is refused before the upstream is asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadUpgrade {
     pub status: StatusCode,
     pub reason: &'static str,
+}
+
+/// The rules every request must pass, upgrade or not: `CONNECT` is not proxied (405: wskeep is
+/// not a tunnel), and an HTTP/1.1 request carries exactly one valid `Host` (RFC 9112 §3.2: 400).
+pub fn check_request(method: &Method, version: Version, headers: &HeaderMap) -> Result<(), BadUpgrade> {
+    if method == Method::CONNECT {
+        return Err(BadUpgrade { status: StatusCode::METHOD_NOT_ALLOWED, reason: "CONNECT is not supported\n" });
+    }
+    let bad = |reason| Err(BadUpgrade { status: StatusCode::BAD_REQUEST, reason });
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == Version::HTTP_11 => bad("an HTTP/1.1 request needs a Host header\n"),
+        (None, _) => Ok(()),
+        (Some(_), Some(_)) => bad("more than one Host header\n"),
+        (Some(host), None) if !valid_host(host.as_bytes()) => bad("the Host header is not a host[:port]\n"),
+        (Some(_), None) => Ok(()),
+    }
+}
+
+/// `uri-host [ ":" port ]`, or empty (RFC 9112 §3.2); no user information.
+fn valid_host(host: &[u8]) -> bool {
+    host.is_empty() || !host.contains(&b'@') && http::uri::Authority::try_from(host).is_ok()
 }
 
 /// Checks an upgrade request against RFC 6455 §4.2.1; returns the client's key.
@@ -56,6 +81,15 @@ pub fn validate_upgrade<'a>(method: &Method, version: Version, headers: &'a Head
     }
     if !has_token(headers, header::CONNECTION, "upgrade") {
         return bad("Connection: Upgrade is missing\n");
+    }
+    // The bytes after the head are the WebSocket stream: a body there would be read by an
+    // upstream that honours the announced length as the first bytes of it.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return bad("a WebSocket upgrade must not have a body (Transfer-Encoding)\n");
+    }
+    let empty = |v: &HeaderValue| v.to_str().is_ok_and(|v| v.trim().parse::<u64>() == Ok(0));
+    if !headers.get_all(header::CONTENT_LENGTH).iter().all(empty) {
+        return bad("a WebSocket upgrade must not have a body (Content-Length)\n");
     }
     let versions: Vec<_> = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter().collect();
     if versions.len() != 1 || versions[0] != "13" {
@@ -92,6 +126,32 @@ pub fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
+/// Checks the upstream's 101 against RFC 6455 §4.1 (the client's side of the handshake):
+/// `Upgrade: websocket`, `Connection: upgrade`, the accept key for `key`, no extension (wskeep
+/// offers none) and a subprotocol only if it is one of `offered`.
+pub fn check_upgrade_response(headers: &HeaderMap, key: &str, offered: &[String]) -> Result<(), &'static str> {
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err("the upstream's 101 has no Upgrade: websocket");
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("the upstream's 101 has no Connection: upgrade");
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut accepts = headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
+    if !matches!((accepts.next(), accepts.next()), (Some(v), None) if v.as_bytes() == accept.as_bytes()) {
+        return Err("the upstream answered with a wrong Sec-WebSocket-Accept");
+    }
+    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        return Err("the upstream chose an extension that was not offered");
+    }
+    let mut chosen = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter();
+    match (chosen.next(), chosen.next()) {
+        (None, _) => Ok(()),
+        (Some(p), None) if offered.iter().any(|o| o.as_bytes() == p.as_bytes()) => Ok(()),
+        _ => Err("the upstream chose a subprotocol the client did not offer"),
+    }
+}
+
 /// Names listed in `Connection`, which are hop-by-hop for this message too.
 fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
     headers
@@ -107,7 +167,12 @@ fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
     HOP_BY_HOP.contains(&name.as_str()) || listed.iter().any(|t| t == name.as_str())
 }
 
-/// Copies the end-to-end request headers and adds the `X-Forwarded-*` set.
+/// Headers about the client that wskeep writes itself from what it knows (a client's own
+/// `X-Real-IP` is dropped, `Forwarded` and `X-Forwarded-For` are appended to).
+const SET_BY_WSKEEP: &[&str] = &["x-forwarded-for", "forwarded", "x-real-ip"];
+
+/// Copies the end-to-end request headers and adds the `X-Forwarded-*`, `Forwarded` and
+/// `X-Real-IP` set.
 pub fn forward_request(
     src: &HeaderMap,
     peer: IpAddr,
@@ -120,8 +185,8 @@ pub fn forward_request(
     for (name, value) in src {
         if is_hop_by_hop(name, &listed)
             || name == header::HOST
-            || name.as_str() == "x-forwarded-for"
-            || (websocket && WEBSOCKET_PER_LEG.contains(&name.as_str()))
+            || SET_BY_WSKEEP.contains(&name.as_str())
+            || (websocket && (WEBSOCKET_PER_LEG.contains(&name.as_str()) || name == header::CONTENT_LENGTH))
         {
             continue;
         }
@@ -132,14 +197,59 @@ pub fn forward_request(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.insert("x-forwarded-for", v);
     }
-    out.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
+    let proto = if tls { "https" } else { "http" };
+    out.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     if let Some(host) = src.get(header::HOST) {
         out.insert("x-forwarded-host", host.clone());
+    }
+    let prior: Vec<&str> = src.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
+    let mut forwarded = prior.join(", ");
+    if !forwarded.is_empty() {
+        forwarded.push_str(", ");
+    }
+    forwarded.push_str(&forwarded_element(peer, proto, src.get(header::HOST)));
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        out.insert(header::FORWARDED, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
+        out.insert("x-real-ip", v);
     }
     if let Ok(v) = HeaderValue::from_str(upstream_authority) {
         out.insert(header::HOST, v);
     }
     out
+}
+
+/// This hop's `Forwarded` element (RFC 7239 §4): `for=` the peer (an IPv6 address bracketed and
+/// quoted), `proto=`, and `host=` the client's `Host` when it sent one, quoted where needed.
+fn forwarded_element(peer: IpAddr, proto: &str, host: Option<&HeaderValue>) -> String {
+    let mut element = match peer {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    let _ = write!(element, ";proto={proto}");
+    if let Some(host) = host.and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()) {
+        element.push_str(";host=");
+        push_token_or_quoted(&mut element, host);
+    }
+    element
+}
+
+/// A parameter value as a token when it is one, else as a quoted-string (RFC 9110 §5.6).
+fn push_token_or_quoted(out: &mut String, value: &str) {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if value.chars().all(tchar) {
+        out.push_str(value);
+        return;
+    }
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// Drops hop-by-hop headers from a response (and the per-leg handshake headers of a 101).
@@ -227,9 +337,95 @@ mod tests {
         assert_eq!(out["x-forwarded-host"], "app.example");
         assert_eq!(out["host"], "127.0.0.1:8080");
         assert_eq!(out["sec-websocket-protocol"], "v2, v1");
+        assert_eq!(out["forwarded"], "for=127.0.0.9;proto=https;host=app.example");
+        assert_eq!(out["x-real-ip"], "127.0.0.9");
         for gone in ["connection", "x-secret-hop", "keep-alive", "sec-websocket-key", "sec-websocket-extensions"] {
             assert!(!out.contains_key(gone), "{gone} must not be forwarded");
         }
         assert_eq!(offered_protocols(&src), vec!["v2", "v1"]);
+    }
+
+    #[test]
+    fn forwarded_is_appended_to_and_x_real_ip_is_wskeeps_own() {
+        let src = map(&[
+            ("host", "app.example:8443"),
+            ("forwarded", "for=192.0.2.60;proto=http"),
+            ("forwarded", "for=\"[2001:db8::1]\""),
+            ("x-real-ip", "6.6.6.6"),
+            ("content-length", "0"),
+        ]);
+        let out = forward_request(&src, "2001:db8::7".parse().unwrap(), false, "127.0.0.1:8080", true);
+        assert_eq!(
+            out["forwarded"],
+            "for=192.0.2.60;proto=http, for=\"[2001:db8::1]\", for=\"[2001:db8::7]\";proto=http;host=\"app.example:8443\""
+        );
+        assert_eq!(out.get_all("forwarded").iter().count(), 1);
+        assert_eq!(out.get_all("x-real-ip").iter().collect::<Vec<_>>(), ["2001:db8::7"]);
+        assert!(!out.contains_key("content-length"), "an upgrade has no body to announce");
+        // Without a Host (HTTP/1.0) there is no host parameter.
+        let out = forward_request(&HeaderMap::new(), "10.1.2.3".parse().unwrap(), true, "127.0.0.1:8080", false);
+        assert_eq!(out["forwarded"], "for=10.1.2.3;proto=https");
+    }
+
+    #[test]
+    fn request_rules() {
+        let check = |method: Method, version: Version, pairs: &[(&str, &str)]| {
+            check_request(&method, version, &map(pairs)).map_err(|e| e.status)
+        };
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[("host", "a.example:80")]), Ok(()));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[("host", "[::1]:8443")]), Ok(()));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[("host", "")]), Ok(()));
+        assert_eq!(check(Method::GET, Version::HTTP_10, &[]), Ok(()));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[("host", "a"), ("host", "a")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::GET, Version::HTTP_10, &[("host", "a"), ("host", "b")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[("host", "u@a.example")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[("host", "a b")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::CONNECT, Version::HTTP_11, &[("host", "a:443")]), Err(StatusCode::METHOD_NOT_ALLOWED));
+    }
+
+    #[test]
+    fn an_upgrade_with_a_body_is_refused() {
+        let base = [
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", KEY),
+        ];
+        let check = |extra: &[(&str, &str)]| {
+            let pairs: Vec<_> = base.iter().chain(extra).copied().collect();
+            validate_upgrade(&Method::GET, Version::HTTP_11, &map(&pairs)).map(|_| ()).map_err(|e| e.status)
+        };
+        assert_eq!(check(&[("content-length", "0")]), Ok(()));
+        assert_eq!(check(&[("content-length", "19")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(&[("transfer-encoding", "chunked")]), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(&[("transfer-encoding", "identity")]), Err(StatusCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn the_upstreams_101_is_checked_in_full() {
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(KEY.as_bytes());
+        let good = [("upgrade", "WebSocket"), ("connection", "Upgrade"), ("sec-websocket-accept", accept.as_str())];
+        let offered = vec!["v1".to_string(), "v2".to_string()];
+        let check = |pairs: &[(&str, &str)]| check_upgrade_response(&map(pairs), KEY, &offered);
+        assert_eq!(check(&good), Ok(()));
+        assert_eq!(check(&[good[0], good[1], good[2], ("sec-websocket-protocol", "v2")]), Ok(()));
+        for bad in [
+            vec![good[1], good[2]],
+            vec![("upgrade", "h2c"), good[1], good[2]],
+            vec![good[0], good[2]],
+            vec![good[0], ("connection", "keep-alive"), good[2]],
+            vec![good[0], good[1]],
+            vec![good[0], good[1], ("sec-websocket-accept", "bm90IHRoZSBrZXk=")],
+            vec![good[0], good[1], good[2], good[2]],
+            vec![good[0], good[1], good[2], ("sec-websocket-extensions", "permessage-deflate")],
+            vec![good[0], good[1], good[2], ("sec-websocket-protocol", "v3")],
+            vec![good[0], good[1], good[2], ("sec-websocket-protocol", "v1, v2")],
+            vec![good[0], good[1], good[2], ("sec-websocket-protocol", "v1"), ("sec-websocket-protocol", "v2")],
+        ] {
+            assert!(check(&bad).is_err(), "accepted {bad:?}");
+        }
+        assert!(check_upgrade_response(&map(&[good[0], good[1], good[2], ("sec-websocket-protocol", "v1")]), KEY, &[])
+            .is_err());
     }
 }

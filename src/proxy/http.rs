@@ -49,6 +49,9 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, settings: &Setting
             let detail = error_chain(&e);
             if timed_out(&e) {
                 failed(StatusCode::GATEWAY_TIMEOUT, peer, parts.uri.path(), &detail)
+            } else if io_source(&e).is_some_and(crate::admission::is_out_of_resources) {
+                // wskeep's own descriptors or memory ran out: not the upstream's fault.
+                text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is out of local resources\n")
             } else {
                 failed(StatusCode::BAD_GATEWAY, peer, parts.uri.path(), &detail)
             }
@@ -94,12 +97,17 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Whether the connector gave up on `upstream.connect_timeout` (an `io::ErrorKind::TimedOut`
 /// somewhere in the error's source chain).
 fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    io_source(e).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// The first I/O error in the error's source chain.
+fn io_source<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
     let mut source = Some(e);
     while let Some(err) = source {
-        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return true;
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io);
         }
         source = err.source();
     }
-    false
+    None
 }

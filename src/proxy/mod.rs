@@ -1,8 +1,10 @@
 //! The hyper service behind the listener: WebSocket upgrades go to `ws`, everything else is
-//! reverse-proxied by `http`. Both forward headers the same way (`headers`).
+//! reverse-proxied by `http`. Both forward headers the same way (`headers`), and both pass the
+//! same request rules first (`headers::check_request`: 405 for `CONNECT`, 400 for a bad `Host`).
 
 pub mod headers;
 pub mod http;
+mod lone_leg;
 pub mod ws;
 
 use std::convert::Infallible;
@@ -99,6 +101,9 @@ pub struct ConnMeta {
 }
 
 pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Result<Response<Body>, Infallible> {
+    if let Err(bad) = headers::check_request(req.method(), req.version(), req.headers()) {
+        return Ok(refuse_request(&req, &shared, bad));
+    }
     let settings = shared.settings();
     if let Some(page) = crate::admin::pages::serve_on_proxy(req.uri().path(), &settings.config.listen.probe_path) {
         shared.metrics.http_request(page.status());
@@ -111,6 +116,25 @@ pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta)
         shared.metrics.http_request(response.status());
         Ok(response)
     }
+}
+
+/// wskeep's answer to a request that breaks the request rules; counted as an upgrade failure for
+/// an upgrade (except `CONNECT`, which is never one) and as an HTTP request otherwise.
+fn refuse_request<B>(req: &Request<B>, shared: &Shared, bad: headers::BadUpgrade) -> Response<Body> {
+    let mut response = text(bad.status, bad.reason);
+    if bad.status == StatusCode::METHOD_NOT_ALLOWED {
+        shared.metrics.http_request(bad.status);
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
+        );
+    } else if headers::wants_websocket(req.headers()) {
+        shared.metrics.upgrade_failed(crate::vocab::UpgradeFailure::BadRequest);
+        crate::telemetry::upgrade_failure(crate::vocab::UpgradeFailure::BadRequest, bad.reason.trim_end());
+    } else {
+        shared.metrics.http_request(bad.status);
+    }
+    response
 }
 
 /// A short plain-text response of wskeep's own.

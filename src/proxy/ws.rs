@@ -2,9 +2,10 @@
 //!
 //! The upstream leg uses hyper's client upgrade rather than tungstenite's client handshake,
 //! which keeps only part of a refusal's body and rejects a 101 without a subprotocol when some
-//! were offered. A refusal reaches the client whole (status, headers, body); a 101 is checked
-//! (accept key, subprotocol) before the client gets its own. Both upgraded streams are then handed
-//! to `relay::run`, which frames them itself (`frame`), in a task the drain tracks.
+//! were offered. A refusal reaches the client whole (status, headers, body); a 101 is checked in
+//! full (RFC 6455 §4.1, `headers::check_upgrade_response`) before the client gets its own. Both
+//! upgraded streams are then handed to `relay::run`, which frames them itself (`frame`), in a
+//! task the drain tracks; if only one of them upgraded, `lone_leg` closes it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,16 +13,17 @@ use std::time::Instant;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::{headers, text, Body, ConnMeta, Settings, Shared};
+use super::{headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
+use crate::admission::{self, is_out_of_resources};
 use crate::legstream::LegStream;
-use crate::relay::{self, RelaySettings};
-use crate::vocab::UpgradeFailure;
+use crate::relay::{self, Outcome, RelaySettings};
+use crate::vocab::{End, Side, UpgradeFailure};
 
 /// Why the upstream leg could not be opened, and what the client is told.
 enum UpstreamFailure {
@@ -29,6 +31,8 @@ enum UpstreamFailure {
     TimedOut(&'static str),
     Refused(Response<Incoming>),
     BadHandshake(&'static str),
+    /// wskeep itself is out of descriptors or memory: not the upstream's fault.
+    LocalLimit(String),
 }
 
 pub async fn upgrade(
@@ -51,7 +55,7 @@ pub async fn upgrade(
         }
     };
     if shared.drain.is_draining() {
-        metrics.upgrade_failed(UpgradeFailure::Limit);
+        metrics.upgrade_failed(UpgradeFailure::Draining);
         return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
     }
     let offered = headers::offered_protocols(req.headers());
@@ -95,8 +99,9 @@ async fn open_upstream(
     offered: &[String],
 ) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
     let upstream = &settings.config.upstream;
-    let tcp = match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(&upstream.authority)).await {
+    let tcp = match tokio::time::timeout(upstream.connect_timeout, connect(&upstream.authority)).await {
         Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) if is_out_of_resources(&e) => return Err(UpstreamFailure::LocalLimit(e.to_string())),
         Ok(Err(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
         Err(_) => return Err(UpstreamFailure::TimedOut("connect timed out")),
     };
@@ -127,17 +132,21 @@ async fn open_upstream(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Err(UpstreamFailure::Refused(response));
     }
-    let h = response.headers();
-    if h.get(header::SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
-        return Err(UpstreamFailure::BadHandshake("upstream answered with a wrong Sec-WebSocket-Accept"));
-    }
-    if let Some(chosen) = h.get(header::SEC_WEBSOCKET_PROTOCOL) {
-        if !offered.iter().any(|p| p.as_bytes() == chosen.as_bytes()) {
-            return Err(UpstreamFailure::BadHandshake("upstream chose a subprotocol the client did not offer"));
-        }
-    }
+    headers::check_upgrade_response(response.headers(), &key, offered).map_err(UpstreamFailure::BadHandshake)?;
     let upgrade = hyper::upgrade::on(&mut response);
     Ok((response, upgrade))
+}
+
+/// `TcpStream::connect`, with each socket made by `admission::upstream_socket`.
+async fn connect(authority: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(authority).await? {
+        match admission::upstream_socket(addr)?.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the upstream host has no address")))
 }
 
 /// The client's answer when the upstream leg failed.
@@ -152,13 +161,18 @@ fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
         }
         UpstreamFailure::Unreachable(e) => (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e),
         UpstreamFailure::BadHandshake(e) => {
-            (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e.to_string())
+            (UpgradeFailure::UpstreamBadHandshake, StatusCode::BAD_GATEWAY, e.to_string())
         }
         UpstreamFailure::TimedOut(e) => (UpgradeFailure::UpstreamTimeout, StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+        UpstreamFailure::LocalLimit(e) => (UpgradeFailure::LocalLimit, StatusCode::SERVICE_UNAVAILABLE, e),
     };
     shared.metrics.upgrade_failed(reason);
     crate::telemetry::upgrade_failure(reason, &detail);
-    let body = if status == StatusCode::GATEWAY_TIMEOUT { "upstream timed out\n" } else { "upstream unavailable\n" };
+    let body = match status {
+        StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",
+        StatusCode::SERVICE_UNAVAILABLE => "wskeep is out of local resources\n",
+        _ => "upstream unavailable\n",
+    };
     text(status, body)
 }
 
@@ -172,10 +186,15 @@ async fn relay_task(
     meta: ConnMeta,
     path: String,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
+    // Both are awaited (not `try_join`): a leg that did upgrade is closed properly when the
+    // other did not, rather than dropped with the other's error.
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (client, upstream) => {
+            if let Err(e) = client.as_ref().and(upstream.as_ref()) {
+                tracing::debug!(error = %e, "upgrade did not complete");
+            }
+            close_lone_leg(client.ok(), upstream.ok(), &shared, &meta, path).await;
             return;
         }
     };
@@ -197,4 +216,51 @@ async fn relay_task(
     metrics.connections_active.dec();
     drop(guard);
     drop(meta.permit);
+}
+
+/// One leg upgraded and the other did not: the upgraded one is closed as the endings table says
+/// for the other's loss (or the shutdown that cut it), and the ending is recorded.
+async fn close_lone_leg(
+    client: Option<Upgraded>,
+    upstream: Option<Upgraded>,
+    shared: &Shared,
+    meta: &ConnMeta,
+    path: String,
+) {
+    let shutdown = shared.drain.closing_token().is_cancelled();
+    let (end, lost, survivor, code, reason) = match (client, upstream) {
+        (None, upstream) if shutdown => {
+            (End::Shutdown, None, upstream.map(|u| (Side::Upstream, u)), 1001, "going away")
+        }
+        (None, upstream) => {
+            (End::ClientError, Some(Side::Client), upstream.map(|u| (Side::Upstream, u)), 1001, "client gone")
+        }
+        (Some(client), _) => {
+            (End::UpstreamError, Some(Side::Upstream), Some((Side::Client, client)), 1014, "upstream connection lost")
+        }
+    };
+    let guard = shared.connections.open(meta.peer, path);
+    let mut codes = [(None, None); 2];
+    if let Some(side) = lost {
+        // That leg ended without a close frame.
+        codes[side as usize].0 = Some(1006);
+    }
+    if let Some((side, leg)) = survivor {
+        codes[side as usize] = lone_leg::close(LegStream::from_upgraded(leg), side, code, reason).await;
+    }
+    let metrics = &shared.metrics;
+    for side in Side::BOTH {
+        let (received, sent) = codes[side as usize];
+        if let Some(code) = received {
+            metrics.close_code(side, true, code);
+        }
+        if let Some(code) = sent {
+            metrics.close_code(side, false, code);
+        }
+    }
+    let duration = guard.info.started.elapsed();
+    let outcome = Outcome { end, codes };
+    metrics.connection_ended(end, duration.as_secs_f64());
+    crate::telemetry::connection_closed(&guard.info, &outcome, duration);
+    shared.endings.record(guard.info.clone(), outcome, duration);
 }

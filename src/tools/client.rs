@@ -50,7 +50,12 @@ pub struct ClientOptions {
     /// Source address to connect from (spreads ephemeral ports over 127.0.0.x).
     pub bind: Option<IpAddr>,
     pub timeout: Option<Duration>,
+    /// The largest message the client takes, fragments joined (`DEFAULT_MAX_MESSAGE` if unset).
+    pub max_message: Option<usize>,
 }
+
+/// The largest message a client takes unless `ClientOptions::max_message` says otherwise.
+pub const DEFAULT_MAX_MESSAGE: usize = 64 << 20;
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -197,7 +202,12 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
     }
     let (read, write) = tokio::io::split(io);
     Ok(Connection {
-        reader: IncomingFrames { io: read, buf, max_message: 64 << 20, partial: None },
+        reader: IncomingFrames {
+            io: read,
+            buf,
+            max_message: options.max_message.unwrap_or(DEFAULT_MAX_MESSAGE),
+            partial: None,
+        },
         writer: OutgoingFrames { io: write, buf: BytesMut::with_capacity(256) },
         protocol,
     })
@@ -421,7 +431,7 @@ impl<R: AsyncRead + Unpin> IncomingFrames<R> {
     fn parse(&mut self) -> io::Result<Option<Frame>> {
         let Some((head, at)) = Head::parse(&self.buf) else { return Ok(None) };
         if head.len > self.max_message as u64 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "frame larger than the client accepts"));
+            return Err(self.too_big());
         }
         let total = at + head.len as usize;
         if self.buf.len() < total {
@@ -434,6 +444,13 @@ impl<R: AsyncRead + Unpin> IncomingFrames<R> {
             frame::apply_mask(&mut payload, mask);
         }
         Ok(Some(Frame { fin: head.fin, opcode: head.opcode, payload: payload.freeze() }))
+    }
+
+    fn too_big(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a message over {} bytes, more than the client takes", self.max_message),
+        )
     }
 
     /// The next message (fragments joined) or control frame; `None` at EOF.
@@ -460,6 +477,10 @@ impl<R: AsyncRead + Unpin> IncomingFrames<R> {
                 }
                 OP_CONTINUATION if partial.is_some() => {
                     let (opcode, mut data) = partial.take().expect("checked above");
+                    // The fragments joined are held whole: bounded like a single frame.
+                    if data.len() + frame.payload.len() > self.max_message {
+                        return Err(self.too_big());
+                    }
                     data.extend_from_slice(&frame.payload);
                     if frame.fin {
                         Some((opcode, data.freeze()))
@@ -485,8 +506,9 @@ pub struct OutgoingFrames<W> {
 impl<W: AsyncWrite + Unpin> OutgoingFrames<W> {
     /// Appends a masked frame to the write buffer; `flush` sends it.
     pub fn queue(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
-        // A load generator's key need not be unpredictable; the relay's are (`frame`).
-        frame::write_frame(&mut self.buf, fin, opcode, payload, Some(fastrand::u32(..).to_be_bytes()));
+        // The probe talks to production endpoints through intermediaries: masking keys come
+        // from a CSPRNG, as RFC 6455 §5.3 asks, so that no one can predict them.
+        frame::write_frame(&mut self.buf, fin, opcode, payload, Some(rand::random()));
     }
 
     /// Appends raw bytes (hostile-input tests write malformed frames with this).
@@ -538,6 +560,25 @@ mod tests {
         assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Binary(Bytes::from(vec![7u8; 70_000]))));
         assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Close(Some(4000), "bye".into())));
         assert_eq!(reader.read_message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn reassembly_is_bounded() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut writer = OutgoingFrames { io: a, buf: BytesMut::new() };
+        let mut reader = IncomingFrames { io: b, buf: BytesMut::new(), max_message: 1000, partial: None };
+        // 1000 bytes in three fragments pass; 1001 do not, though no frame is over the limit.
+        writer.queue(OP_BINARY, false, &[1; 400]);
+        writer.queue(OP_CONTINUATION, false, &[1; 400]);
+        writer.queue(OP_CONTINUATION, true, &[1; 200]);
+        writer.queue(OP_TEXT, false, &[b'a'; 400]);
+        writer.queue(OP_CONTINUATION, false, &[b'a'; 400]);
+        writer.queue(OP_CONTINUATION, true, &[b'a'; 201]);
+        writer.flush().await.unwrap();
+        assert_eq!(reader.read_message().await.unwrap(), Some(Incoming::Binary(Bytes::from(vec![1u8; 1000]))));
+        let err = reader.read_message().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("over 1000 bytes"), "{err}");
     }
 
     #[test]

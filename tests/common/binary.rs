@@ -29,13 +29,26 @@ impl Wskeep {
     /// Starts the binary with the configuration `config(port, admin_port)` returns (it must
     /// listen on 127.0.0.1 at those ports) and waits until `/readyz` answers 200.
     pub async fn start_with(config: impl Fn(u16, u16) -> String) -> Wskeep {
+        Wskeep::start_limited(config, None).await
+    }
+
+    /// `start_with`, under a descriptor limit (soft and hard) if given.
+    pub async fn start_limited(config: impl Fn(u16, u16) -> String, nofile: Option<u64>) -> Wskeep {
         for attempt in 0.. {
             let dir = tempfile::tempdir().unwrap();
             let (port, admin_port) = free_ports();
             let config_path = dir.path().join("wskeep.toml");
             std::fs::write(&config_path, config(port, admin_port)).unwrap();
             let log = dir.path().join("wskeep.log");
-            let mut command = Command::new(env!("CARGO_BIN_EXE_wskeep"));
+            let mut command = match nofile {
+                None => Command::new(env!("CARGO_BIN_EXE_wskeep")),
+                Some(n) => {
+                    // The shell sets the limit, then becomes wskeep (its pid is the child's).
+                    let mut sh = Command::new("sh");
+                    sh.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(env!("CARGO_BIN_EXE_wskeep"));
+                    sh
+                }
+            };
             command
                 .arg("run")
                 .arg("--config")

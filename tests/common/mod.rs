@@ -297,6 +297,45 @@ async fn serve_upstream(tcp: TcpStream, seen: Arc<Mutex<Vec<SeenRequest>>>, clos
     }
 }
 
+// === a raw upstream ===
+
+/// An upstream on a raw socket, for answers no WebSocket library would give: each connection is
+/// handed to the test with the request head it brought (read up to the blank line).
+pub async fn raw_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(String, TcpStream)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                // One byte at a time: nothing after the head is taken from the test.
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+                    match tcp.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = tx.send((String::from_utf8_lossy(&head).into_owned(), tcp));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The `Sec-WebSocket-Accept` value for the key in a request head.
+pub fn accept_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("sec-websocket-key"))
+        .map(|(_, value)| value.trim())
+        .expect("the request has a Sec-WebSocket-Key");
+    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
+}
+
 // === a TLS WebSocket client ===
 
 pub type TlsWs = WebSocketStream<TlsStream<TcpStream>>;
