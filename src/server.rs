@@ -198,19 +198,29 @@ enum Admission {
 }
 
 async fn serve_connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
+    mut tcp: TcpStream,
+    tcp_peer: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<TlsAcceptor>,
     admission: Admission,
 ) {
     // The timeouts in service when the connection came; its requests each read the settings anew.
-    let (handshake_timeout, idle_timeout) = {
-        let settings = shared.settings();
-        (settings.config.listen.handshake_timeout, settings.config.listen.idle_timeout)
-    };
-    // TLS and the first request head must both arrive within the handshake timeout.
+    let settings = shared.settings();
+    let listen = &settings.config.listen;
+    let (handshake_timeout, idle_timeout) = (listen.handshake_timeout, listen.idle_timeout);
+    // The PROXY header, TLS and the first request head must all arrive within the handshake timeout.
     let deadline = Instant::now() + handshake_timeout;
+    let real_peer =
+        crate::proxy_protocol::real_peer(&mut tcp, tcp_peer, listen.proxy_protocol, &listen.trusted_proxies, deadline);
+    let peer = match real_peer.await {
+        Ok(peer) => peer,
+        Err(failure) => {
+            shared.metrics.proxy_protocol_failed(failure);
+            crate::telemetry::proxy_protocol_failure(tcp_peer, failure);
+            return;
+        }
+    };
+    drop(settings);
     let io = match acceptor {
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => Either::Left(tls),

@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
     let version = [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2, Version::HTTP_09][(flags >> 2 & 3) as usize];
     let tls = flags & 16 != 0;
     let websocket = flags & 32 != 0;
+    let peer_trusted = flags & 128 != 0;
     let peer = if flags & 64 != 0 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)) };
 
     let _ = wants_websocket(&src);
@@ -70,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(src.get_all(http::header::SEC_WEBSOCKET_KEY).iter().count(), 1);
     }
 
-    let out = forward_request(&src, peer, tls, "127.0.0.1:8080", websocket);
+    let out = forward_request(&src, peer, peer_trusted, tls, "127.0.0.1:8080", websocket);
     let listed = listed(&src);
     for name in out.keys() {
         let name = name.as_str();
@@ -88,6 +89,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(out["x-forwarded-proto"], if tls { "https" } else { "http" });
     let xff = out.get("x-forwarded-for").expect("x-forwarded-for is always set").to_str().unwrap();
     assert!(xff.ends_with(&peer.to_string()), "{xff}");
+    if !peer_trusted {
+        // An untrusted peer cannot put another address before its own.
+        assert_eq!(xff, peer.to_string());
+    }
 
     let mut response = src.clone();
     strip_response(&mut response, websocket);

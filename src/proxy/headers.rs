@@ -108,9 +108,14 @@ fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
 }
 
 /// Copies the end-to-end request headers and adds the `X-Forwarded-*` set.
+///
+/// `peer_trusted`: the peer is in `listen.trusted_proxies`, so the `X-Forwarded-For` it sent is
+/// kept and extended; anyone else's is replaced by the peer's address alone (one hop of trust,
+/// decided by the peer's own address, as nginx's `set_real_ip_from` without recursion).
 pub fn forward_request(
     src: &HeaderMap,
     peer: IpAddr,
+    peer_trusted: bool,
     tls: bool,
     upstream_authority: &str,
     websocket: bool,
@@ -121,13 +126,14 @@ pub fn forward_request(
         if is_hop_by_hop(name, &listed)
             || name == header::HOST
             || name.as_str() == "x-forwarded-for"
+            || (!peer_trusted && name == header::FORWARDED)
             || (websocket && WEBSOCKET_PER_LEG.contains(&name.as_str()))
         {
             continue;
         }
         out.append(name.clone(), value.clone());
     }
-    let prior: Vec<&str> = src.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let prior = told_by(src, "x-forwarded-for", peer_trusted);
     let xff = if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.insert("x-forwarded-for", v);
@@ -140,6 +146,14 @@ pub fn forward_request(
         out.insert(header::HOST, v);
     }
     out
+}
+
+/// The values of `name` the peer sent, when it is trusted to tell; none otherwise.
+fn told_by<'a>(src: &'a HeaderMap, name: &str, peer_trusted: bool) -> Vec<&'a str> {
+    if !peer_trusted {
+        return Vec::new();
+    }
+    src.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect()
 }
 
 /// Drops hop-by-hop headers from a response (and the per-leg handshake headers of a 101).
@@ -219,7 +233,7 @@ mod tests {
             ("sec-websocket-extensions", "permessage-deflate"),
             ("sec-websocket-protocol", "v2, v1"),
         ]);
-        let out = forward_request(&src, "127.0.0.9".parse().unwrap(), true, "127.0.0.1:8080", true);
+        let out = forward_request(&src, "127.0.0.9".parse().unwrap(), true, true, "127.0.0.1:8080", true);
         assert_eq!(out["cookie"], "a=1");
         assert_eq!(out["authorization"], "Bearer t");
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
@@ -231,5 +245,17 @@ mod tests {
             assert!(!out.contains_key(gone), "{gone} must not be forwarded");
         }
         assert_eq!(offered_protocols(&src), vec!["v2", "v1"]);
+    }
+
+    #[test]
+    fn an_untrusted_peer_cannot_speak_for_others() {
+        let src =
+            map(&[("host", "app.example"), ("x-forwarded-for", "6.6.6.6, 7.7.7.7"), ("forwarded", "for=6.6.6.6")]);
+        let out = forward_request(&src, "192.0.2.9".parse().unwrap(), false, false, "127.0.0.1:8080", false);
+        assert_eq!(out.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["192.0.2.9"]);
+        assert!(!out.contains_key("forwarded"), "an untrusted peer's Forwarded is dropped");
+        let out = forward_request(&src, "10.0.0.2".parse().unwrap(), true, false, "127.0.0.1:8080", false);
+        assert_eq!(out["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 10.0.0.2");
+        assert_eq!(out["forwarded"], "for=6.6.6.6");
     }
 }

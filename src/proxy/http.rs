@@ -38,7 +38,9 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, settings: &Setting
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
-    *out.headers_mut() = headers::forward_request(&parts.headers, peer.ip(), shared.tls, &upstream.authority, false);
+    let trusted = crate::cidr::any_contains(&settings.config.listen.trusted_proxies, peer.ip());
+    *out.headers_mut() =
+        headers::forward_request(&parts.headers, peer.ip(), trusted, shared.tls, &upstream.authority, false);
 
     match tokio::time::timeout(upstream.response_timeout, settings.http.request(out)).await {
         Ok(Ok(mut response)) => {

@@ -112,7 +112,9 @@ async fn open_upstream(
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut upstream_req = Request::get(path).body(Body::default()).expect("a path from a parsed URI is valid");
-    let mut forwarded = headers::forward_request(req.headers(), meta.peer.ip(), shared.tls, &upstream.authority, true);
+    let trusted = crate::cidr::any_contains(&settings.config.listen.trusted_proxies, meta.peer.ip());
+    let mut forwarded =
+        headers::forward_request(req.headers(), meta.peer.ip(), trusted, shared.tls, &upstream.authority, true);
     forwarded.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     forwarded.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     forwarded.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));

@@ -1,0 +1,278 @@
+//! The real client address behind an L4 balancer: the release binary behind a real HAProxy
+//! (`send-proxy-v2`) and a real nginx stream proxy (`proxy_protocol on`, v1), both from Debian
+//! (`.ci/install.sh`); the refusals (untrusted peer, malformed header, none in time) counted under
+//! their reasons; and which `X-Forwarded-For` is believed (`listen.trusted_proxies`).
+//!
+//! The client connects from its own loopback address (127.0.0.5 and the like) while the balancer
+//! connects from 127.0.0.1, so an address seen upstream or in `/connections` tells which one
+//! wskeep believed.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::binary::Wskeep;
+use common::TestUpstream;
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+async fn start(upstream: SocketAddr, listen_extra: &str) -> Wskeep {
+    Wskeep::start_with(|port, admin_port| {
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{port}\"\n{listen_extra}\n[admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+             [upstream]\nurl = \"ws://{upstream}\"\n\
+             [client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n\
+             [log]\nlevel = \"info\"\nformat = \"json\"\n"
+        )
+    })
+    .await
+}
+
+/// A free loopback port: bound, then released (HAProxy and nginx cannot be told port 0).
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// A WebSocket handshake over `tcp` with extra request headers; echoes one message to prove the
+/// relay works, and returns the open stream.
+async fn websocket(tcp: TcpStream, headers: &[(&'static str, &str)]) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let mut request = "ws://wskeep.test/chat?token=secret".into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    let (mut ws, response) =
+        tokio::time::timeout(LIMIT, tokio_tungstenite::client_async(request, tcp)).await.unwrap().unwrap();
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    let echo = common::next_message(&mut ws, LIMIT).await;
+    assert_eq!(echo, Some(Message::text("hello")));
+    ws
+}
+
+/// A balancer started from its own configuration file, killed by its PID when dropped.
+struct Balancer {
+    child: Child,
+    addr: SocketAddr,
+    name: &'static str,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    /// HAProxy in TCP mode, sending PROXY v2 to wskeep.
+    async fn haproxy(to: SocketAddr) -> Balancer {
+        Balancer::start("haproxy", |dir, port| {
+            let config = dir.join("haproxy.cfg");
+            std::fs::write(
+                &config,
+                format!(
+                    "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+                     frontend in\n  bind 127.0.0.1:{port}\n  default_backend wskeep\n\
+                     backend wskeep\n  server wskeep {to} send-proxy-v2\n"
+                ),
+            )
+            .unwrap();
+            let mut command = Command::new("haproxy");
+            command.arg("-db").arg("-f").arg(&config);
+            command
+        })
+        .await
+    }
+
+    /// nginx's stream module, sending PROXY v1 to wskeep.
+    async fn nginx(to: SocketAddr) -> Balancer {
+        Balancer::start("nginx", |dir, port| {
+            let config = dir.join("nginx.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                     daemon off;\nmaster_process off;\npid {pid};\nerror_log stderr info;\n\
+                     events {{}}\n\
+                     stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {to}; proxy_protocol on; }} }}\n",
+                    pid = dir.join("nginx.pid").display()
+                ),
+            )
+            .unwrap();
+            let mut command = Command::new("nginx");
+            command.arg("-p").arg(dir).arg("-e").arg("stderr").arg("-c").arg(&config);
+            command
+        })
+        .await
+    }
+
+    async fn start(name: &'static str, command: impl Fn(&Path, u16) -> Command) -> Balancer {
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let log = dir.path().join("stderr.log");
+            let child = command(dir.path(), port)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{name} must be installed (.ci/install.sh): {e}"));
+            let mut balancer = Balancer { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), name, log, _dir: dir };
+            let deadline = Instant::now() + LIMIT;
+            loop {
+                if balancer.child.try_wait().unwrap().is_some() {
+                    // The port may have been taken between picking and binding it: pick again.
+                    break;
+                }
+                if TcpStream::connect(balancer.addr).await.is_ok() {
+                    return balancer;
+                }
+                assert!(Instant::now() < deadline, "{name} never listened:\n{}", balancer.log());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            eprintln!("{name} exited at start:\n{}", balancer.log());
+        }
+        panic!("{name} did not start");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Through `balancer`, from 127.0.0.5: the upstream, `/connections`, the closing log line and
+/// a plain HTTP request all name the client, not the balancer.
+async fn client_address_survives(wskeep: &Wskeep, upstream: &TestUpstream, balancer: &Balancer) {
+    let tcp = connect_from([127, 0, 0, 5], balancer.addr).await;
+    // A client's own claim is not believed: 127.0.0.5 is not a trusted proxy.
+    let mut ws = websocket(tcp, &[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]).await;
+    let seen = upstream.last_request();
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.5"), "{seen:?}");
+    if let Some(forwarded) = seen.header("forwarded") {
+        assert!(!forwarded.contains("6.6.6.6") && forwarded.contains("for=127.0.0.5"), "{forwarded}");
+    }
+    let (status, listing) = common::http_get(wskeep.admin, "/connections").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(listing.contains("127.0.0.5:"), "{listing}");
+    ws.close(None).await.unwrap();
+    let line = wskeep.wait_log_line(&["connection closed", "127.0.0.5:"], LIMIT).await;
+    assert!(!line.contains("secret"), "{line}");
+
+    // A plain HTTP request on the same path: the upstream (a WebSocket server) refuses it, but
+    // it was forwarded with the client's address.
+    let mut tcp = connect_from([127, 0, 0, 6], balancer.addr).await;
+    tcp.write_all(b"GET /plain HTTP/1.1\r\nHost: wskeep.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, tcp.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&answer));
+}
+
+#[tokio::test]
+async fn behind_haproxy_send_proxy_v2() {
+    let upstream = TestUpstream::start().await;
+    let wskeep = start(upstream.addr, "proxy_protocol = \"v2\"\ntrusted_proxies = [\"127.0.0.1\"]").await;
+    let haproxy = Balancer::haproxy(wskeep.addr).await;
+    client_address_survives(&wskeep, &upstream, &haproxy).await;
+    let text = common::scrape(wskeep.admin).await;
+    for reason in ["untrusted", "malformed", "timeout"] {
+        let series = format!("wskeep_proxy_protocol_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(common::metric(&text, &series), 0.0, "{series}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn behind_nginx_stream_proxy_protocol_v1() {
+    let upstream = TestUpstream::start().await;
+    // "any" takes v1 as well as v2.
+    let wskeep = start(upstream.addr, "proxy_protocol = \"any\"\ntrusted_proxies = [\"127.0.0.0/30\"]").await;
+    let nginx = Balancer::nginx(wskeep.addr).await;
+    client_address_survives(&wskeep, &upstream, &nginx).await;
+}
+
+/// Sends `bytes` from `from`, then waits for wskeep to close; returns what it answered.
+async fn refused(wskeep: &Wskeep, from: [u8; 4], bytes: &[u8]) -> Vec<u8> {
+    let mut tcp = connect_from(from, wskeep.addr).await;
+    let _ = tcp.write_all(bytes).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut answer)).await.expect("wskeep closes the connection");
+    answer
+}
+
+#[tokio::test]
+async fn bad_headers_close_the_connection_under_their_reason() {
+    let upstream = TestUpstream::start().await;
+    let wskeep = start(
+        upstream.addr,
+        "proxy_protocol = \"v1\"\ntrusted_proxies = [\"127.0.0.1/32\"]\nhandshake_timeout = \"300ms\"",
+    )
+    .await;
+    let request = b"GET / HTTP/1.1\r\nHost: wskeep.test\r\n\r\n";
+    let reason = |r: &str| format!("wskeep_proxy_protocol_failures_total{{reason=\"{r}\"}}");
+
+    // An untrusted peer, even with a well-formed header.
+    let mut bytes = b"PROXY TCP4 192.0.2.1 127.0.0.1 1000 80\r\n".to_vec();
+    bytes.extend_from_slice(request);
+    assert_eq!(refused(&wskeep, [127, 0, 0, 9], &bytes).await, b"");
+    wskeep.wait_metric(&reason("untrusted"), 1.0, LIMIT).await;
+
+    // No header, a v2 header on a v1 listener, a broken v1 line.
+    for bad in [&request[..], &[&b"\r\n\r\n\0\r\nQUIT\n"[..], &[0x21, 0x11, 0, 0]].concat(), b"PROXY TCP4 1.2.3.4\r\n"]
+    {
+        assert_eq!(refused(&wskeep, [127, 0, 0, 1], bad).await, b"", "{}", String::from_utf8_lossy(bad));
+    }
+    wskeep.wait_metric(&reason("malformed"), 3.0, LIMIT).await;
+
+    // Half a header, then nothing: closed at the handshake timeout.
+    let started = Instant::now();
+    assert_eq!(refused(&wskeep, [127, 0, 0, 1], b"PROXY TCP4 192.0.2.1").await, b"");
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before the timeout");
+    let text = wskeep.wait_metric(&reason("timeout"), 1.0, LIMIT).await;
+    assert_eq!(common::metric(&text, &reason("malformed")), 3.0);
+    wskeep.wait_log_line(&["PROXY protocol header refused", "untrusted", "127.0.0.9"], LIMIT).await;
+
+    // And a good one, sent by hand in two pieces, carries the client across.
+    let mut tcp = connect_from([127, 0, 0, 1], wskeep.addr).await;
+    tcp.write_all(b"PROXY TCP4 192.0.2.44 127.0.0.1 4").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tcp.write_all(b"4321 80\r\n").await.unwrap();
+    let _ws = websocket(tcp, &[]).await;
+    assert_eq!(upstream.last_request().header("x-forwarded-for"), Some("192.0.2.44"));
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_from_trusted_proxies_only() {
+    let upstream = TestUpstream::start().await;
+    let wskeep = start(upstream.addr, "trusted_proxies = [\"127.0.0.2\"]").await;
+    let claim = [("x-forwarded-for", "203.0.113.7"), ("forwarded", "for=203.0.113.7")];
+
+    let _trusted = websocket(connect_from([127, 0, 0, 2], wskeep.addr).await, &claim).await;
+    let seen = upstream.last_request();
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.7, 127.0.0.2"), "{seen:?}");
+
+    let _untrusted = websocket(connect_from([127, 0, 0, 3], wskeep.addr).await, &claim).await;
+    let seen = upstream.last_request();
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.3"), "{seen:?}");
+    if let Some(forwarded) = seen.header("forwarded") {
+        assert!(!forwarded.contains("203.0.113.7"), "{forwarded}");
+    }
+}
