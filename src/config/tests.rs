@@ -229,3 +229,20 @@ fn a_json_ping_table_json_cannot_carry_is_refused() {
     assert_eq!(problems("[json_ping]\nmatch = { type = \"ping\", x = nan }"), ["json_ping.match"]);
     assert_eq!(problems("[json_ping]\nreply = { t = [inf] }"), ["json_ping.reply"]);
 }
+
+#[test]
+fn proxy_protocol_needs_trusted_proxies_and_ranges_are_checked() {
+    let m = messages("[listen]\nproxy_protocol = \"v2\"");
+    assert!(m.iter().any(|l| l.starts_with("listen.trusted_proxies: must list")), "{m:?}");
+    let m = messages("[listen]\nproxy_protocol = \"on\"\ntrusted_proxies = [\"10.0.0.1/8\", 5]");
+    assert!(m.iter().any(|l| l.starts_with("listen.proxy_protocol: \"on\" is not a PROXY protocol setting")), "{m:?}");
+    assert!(m.iter().any(|l| l.contains("\"10.0.0.1/8\" has host bits set")), "{m:?}");
+    let config =
+        Config::from_toml("[listen]\nproxy_protocol = \"any\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]").unwrap();
+    assert_eq!(config.listen.proxy_protocol, ProxyProtocol::Any);
+    assert!(
+        config.to_toml().contains("trusted_proxies = [\n    \"10.0.0.0/8\",\n    \"::1/128\",\n]"),
+        "{}",
+        config.to_toml()
+    );
+}
