@@ -1,7 +1,8 @@
-//! The real client address behind an L4 balancer: the release binary behind a real HAProxy
-//! (`send-proxy-v2`) and a real nginx stream proxy (`proxy_protocol on`, v1), both from Debian
-//! (`.ci/install.sh`); the refusals (untrusted peer, malformed header, none in time) counted under
-//! their reasons; and which `X-Forwarded-For` is believed (`listen.trusted_proxies`).
+//! The networks wskeep fits, through the real binary: in front, the real client address behind
+//! an L4 balancer, a real HAProxy (`send-proxy-v2`) and a real nginx stream proxy
+//! (`proxy_protocol on`, v1), both from Debian (`.ci/install.sh`); the refusals (untrusted peer,
+//! malformed header, none in time) counted under their reasons; which `X-Forwarded-For` is
+//! believed (`listen.trusted_proxies`); and IPv6 on the listener, the admin port and the upstream.
 //!
 //! The client connects from its own loopback address (127.0.0.5 and the like) while the balancer
 //! connects from 127.0.0.1, so an address seen upstream or in `/connections` tells which one
@@ -275,4 +276,54 @@ async fn forwarded_for_is_believed_from_trusted_proxies_only() {
     if let Some(forwarded) = seen.header("forwarded") {
         assert!(!forwarded.contains("203.0.113.7"), "{forwarded}");
     }
+}
+
+/// A WebSocket echo upstream on `[::1]`; returns its address and the `X-Forwarded-For` of each
+/// handshake.
+async fn ipv6_upstream() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let callback = |req: &Request, resp: Response| {
+                    let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    record.lock().unwrap().push(xff.to_string());
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, callback).await else { return };
+                while let Some(Ok(message)) = futures_util::StreamExt::next(&mut ws).await {
+                    if message.is_text() && ws.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn ipv6_listener_admin_and_upstream() {
+    let (upstream, seen) = ipv6_upstream().await;
+    let wskeep = Wskeep::start_on("::1".parse().unwrap(), |port, admin_port| {
+        format!(
+            "[listen]\naddr = \"[::1]:{port}\"\n[admin]\naddr = \"[::1]:{admin_port}\"\n\
+             [upstream]\nurl = \"ws://{upstream}\"\n\
+             [client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n[log]\nformat = \"json\"\n"
+        )
+    })
+    .await;
+    assert!(wskeep.addr.is_ipv6() && wskeep.admin.is_ipv6() && upstream.is_ipv6());
+    let mut ws = websocket(TcpStream::connect(wskeep.addr).await.unwrap(), &[]).await;
+    assert_eq!(seen.lock().unwrap().as_slice(), ["::1"]);
+    let (status, listing) = common::http_get(wskeep.admin, "/connections").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(listing.contains("[::1]:"), "{listing}");
+    ws.close(None).await.unwrap();
+    wskeep.wait_log_line(&["connection closed", "[::1]:"], LIMIT).await;
 }
