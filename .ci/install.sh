@@ -7,8 +7,9 @@
 #   kubectl (PyPI)        deploy/check.sh renders deploy/kubernetes with `kubectl kustomize`
 #   iproute2, iptables,   tests/network_faults.rs: network namespaces, veth pairs, NFQUEUE and
 #   python3, setpriv      its delay-and-loss script tests/network_faults/netem.py
-#   haproxy, nginx        tests/proxy_protocol.rs: the real L4 balancers in front (send-proxy-v2,
+#   haproxy, nginx        tests/networks.rs: the real L4 balancers in front (send-proxy-v2,
 #                         the stream module's proxy_protocol)
+#   websockets (PyPI)     tests/networks.rs: the upstream on a Unix socket (tests/networks/install.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -19,6 +20,7 @@ if ! command -v chromium >/dev/null; then
   apt-get install -y -q --no-install-recommends chromium
 fi
 bash tests/conformance/install.sh >/dev/null
+bash tests/networks/install.sh
 if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v python3 >/dev/null \
   || ! command -v setpriv >/dev/null; then
   apt-get update -q

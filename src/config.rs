@@ -49,10 +49,16 @@ settings! {
         url: String = "ws://127.0.0.1:8080".into(),
         connect_timeout: Duration = Duration::from_secs(5),
         response_timeout: Duration = Duration::from_secs(30),
+        /// The `Host` sent upstream; empty: the URL's `host:port` (`localhost` for a Unix socket).
+        host_header: String = String::new(),
     }
     derived {
         /// `host:port` of `url`, filled by `validate`.
         authority: String = "127.0.0.1:8080".into(),
+        /// The socket of a `unix:` URL, filled by `validate`.
+        unix_path: Option<PathBuf> = None,
+        /// The `Host` header for the upstream, filled by `validate`.
+        host: String = "127.0.0.1:8080".into(),
     }
 
     [client_keepalive] ClientKeepalive {
@@ -221,9 +227,31 @@ impl Config {
                 );
             }
         }
-        match parse_upstream_url(&self.upstream.url) {
-            Ok(authority) => self.upstream.authority = authority,
-            Err(e) => bad("upstream.url", e),
+        if let Some(path) = self.upstream.url.strip_prefix("unix:") {
+            // `unix:/path` or, as Docker writes it, `unix:///path`.
+            let path = path.strip_prefix("//").filter(|p| p.starts_with('/')).unwrap_or(path);
+            if Path::new(path).is_absolute() {
+                self.upstream.unix_path = Some(PathBuf::from(path));
+                self.upstream.authority = "localhost".into();
+            } else {
+                bad(
+                    "upstream.url",
+                    format!("{:?}: a Unix socket is written \"unix:/absolute/path\"", self.upstream.url),
+                );
+            }
+        } else {
+            match parse_upstream_url(&self.upstream.url) {
+                Ok(authority) => self.upstream.authority = authority,
+                Err(e) => bad("upstream.url", e),
+            }
+        }
+        let host = self.upstream.host_header.trim();
+        if host.is_empty() {
+            self.upstream.host = self.upstream.authority.clone();
+        } else if host.contains('@') || http::uri::Authority::try_from(host).is_err() {
+            bad("upstream.host_header", format!("{host:?} is not a host[:port]"));
+        } else {
+            self.upstream.host = host.to_string();
         }
         if self.upstream.connect_timeout.is_zero() {
             bad("upstream.connect_timeout", "must be above 0s".into());
@@ -334,7 +362,9 @@ fn parse_upstream_url(url: &str) -> Result<String, String> {
             return Err(format!("{url:?}: TLS to the upstream is not supported; wskeep runs beside it (use ws://)"))
         }
         _ => {
-            return Err(format!("{url:?}: unsupported scheme {scheme:?}; the upstream is ws://host:port (or http://)"))
+            return Err(format!(
+                "{url:?}: unsupported scheme {scheme:?}; the upstream is ws://host:port (or http://, or unix:/path)"
+            ))
         }
     }
     let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;

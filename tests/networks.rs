@@ -290,6 +290,8 @@ async fn ipv6_upstream() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Str
         while let Ok((tcp, _)) = listener.accept().await {
             let record = record.clone();
             tokio::spawn(async move {
+                // tungstenite's callback signature returns its (large) ErrorResponse by value.
+                #[allow(clippy::result_large_err)]
                 let callback = |req: &Request, resp: Response| {
                     let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("");
                     record.lock().unwrap().push(xff.to_string());
@@ -326,4 +328,85 @@ async fn ipv6_listener_admin_and_upstream() {
     assert!(listing.contains("[::1]:"), "{listing}");
     ws.close(None).await.unwrap();
     wskeep.wait_log_line(&["connection closed", "[::1]:"], LIMIT).await;
+}
+
+/// The Python that has `websockets` (tests/networks/install.sh's venv, else python3).
+fn python() -> std::path::PathBuf {
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_default();
+    let venv = home.join("wskeep/websockets-venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
+/// A Python `websockets` server (tests/networks/unix_upstream.py) on a Unix socket in `dir`.
+struct PythonUpstream {
+    child: Child,
+    socket: std::path::PathBuf,
+}
+
+impl PythonUpstream {
+    async fn start(dir: &Path) -> PythonUpstream {
+        let socket = dir.join("orchestrator.sock");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/networks/unix_upstream.py");
+        let child = Command::new(python())
+            .arg(script)
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 with websockets (tests/networks/install.sh)");
+        let mut upstream = PythonUpstream { child, socket };
+        let deadline = Instant::now() + LIMIT;
+        while tokio::net::UnixStream::connect(&upstream.socket).await.is_err() {
+            if let Some(status) = upstream.child.try_wait().unwrap() {
+                panic!("the Python upstream exited with {status} (is websockets installed? tests/networks/install.sh)");
+            }
+            assert!(Instant::now() < deadline, "the Python upstream never listened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        upstream
+    }
+}
+
+impl Drop for PythonUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn unix_socket_upstream_with_its_host_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = PythonUpstream::start(dir.path()).await;
+    let socket = upstream.socket.display().to_string();
+    let wskeep = Wskeep::start_with(|port, admin_port| {
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{port}\"\n[admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+             [upstream]\nurl = \"unix:{socket}\"\nhost_header = \"orchestrator.internal\"\n\
+             [client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n[log]\nformat = \"json\"\n"
+        )
+    })
+    .await;
+
+    let mut ws = websocket(connect_from([127, 0, 0, 4], wskeep.addr).await, &[]).await;
+    ws.send(Message::text("whoami")).await.unwrap();
+    let answer = common::next_message(&mut ws, LIMIT).await;
+    assert_eq!(answer, Some(Message::text("host=orchestrator.internal xff=127.0.0.4")));
+    ws.close(None).await.unwrap();
+
+    let (status, body) = common::http_get(wskeep.addr, "/plain?x=1").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "plain host=orchestrator.internal xff=127.0.0.1\n"));
+
+    // The socket gone: 502 with the path in the log.
+    drop(upstream);
+    let (status, _) = common::http_get(wskeep.addr, "/plain").await.unwrap();
+    assert_eq!(status, 502);
+    wskeep.wait_log_line(&["orchestrator.sock"], LIMIT).await;
 }

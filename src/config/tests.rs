@@ -150,7 +150,7 @@ fn problems_show_the_offending_value() {
 #[test]
 fn unsupported_schemes_are_named() {
     for (url, words) in [
-        ("unix:///run/orchestrator.sock", "unsupported scheme \"unix\""),
+        ("gopher://127.0.0.1:70", "unsupported scheme \"gopher\""),
         ("ftp://127.0.0.1:21", "unsupported scheme \"ftp\""),
         ("127.0.0.1:8080", "has no scheme"),
         ("wss://127.0.0.1:443", "TLS to the upstream is not supported"),
@@ -245,4 +245,21 @@ fn proxy_protocol_needs_trusted_proxies_and_ranges_are_checked() {
         "{}",
         config.to_toml()
     );
+}
+
+#[test]
+fn a_unix_socket_upstream_and_its_host() {
+    let config = Config::from_toml("[upstream]\nurl = \"unix:/run/orchestrator.sock\"").unwrap();
+    assert_eq!(config.upstream.unix_path.as_deref(), Some(Path::new("/run/orchestrator.sock")));
+    assert_eq!(config.upstream.host, "localhost");
+    let config = Config::from_toml("[upstream]\nurl = \"unix:///run/orchestrator.sock\"").unwrap();
+    assert_eq!(config.upstream.unix_path.as_deref(), Some(Path::new("/run/orchestrator.sock")));
+    let config = Config::from_toml("[upstream]\nurl = \"ws://[::1]:9000\"\nhost_header = \"app.internal\"").unwrap();
+    assert_eq!((config.upstream.authority.as_str(), config.upstream.host.as_str()), ("[::1]:9000", "app.internal"));
+    let m = messages("[upstream]\nurl = \"unix:run/orchestrator.sock\"\nhost_header = \"a b\"");
+    assert!(
+        m.iter().any(|l| l.starts_with("upstream.url: \"unix:run/orchestrator.sock\": a Unix socket is written")),
+        "{m:?}"
+    );
+    assert!(m.iter().any(|l| l.starts_with("upstream.host_header: \"a b\" is not a host[:port]")), "{m:?}");
 }

@@ -3,6 +3,7 @@
 
 pub mod headers;
 pub mod http;
+pub mod upstream;
 pub mod ws;
 
 use std::convert::Infallible;
@@ -54,7 +55,8 @@ impl Settings {
         let mut http = None;
         if let Some(running) = running {
             relay.timer_slots = running.relay.timer_slots.clone();
-            if running.config.upstream.connect_timeout == config.upstream.connect_timeout {
+            let (was, now) = (&running.config.upstream, &config.upstream);
+            if was.connect_timeout == now.connect_timeout && upstream::Target::of(was) == upstream::Target::of(now) {
                 http = Some(running.http.clone());
             }
         }

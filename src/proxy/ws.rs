@@ -15,9 +15,9 @@ use hyper::header::{self, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::upstream::{self, UpstreamIo};
 use super::{headers, text, Body, ConnMeta, Settings, Shared};
 use crate::legstream::LegStream;
 use crate::relay::{self, RelaySettings};
@@ -95,26 +95,25 @@ async fn open_upstream(
     offered: &[String],
 ) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
     let upstream = &settings.config.upstream;
-    let tcp = match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(&upstream.authority)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
-        Err(_) => return Err(UpstreamFailure::TimedOut("connect timed out")),
+    let io = match upstream::connect(&upstream::Target::of(upstream), upstream.connect_timeout).await {
+        Ok(io) => io,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            return Err(UpstreamFailure::TimedOut("connect timed out"))
+        }
+        Err(e) => return Err(UpstreamFailure::Unreachable(e.to_string())),
     };
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| UpstreamFailure::Unreachable(e.to_string()))?;
-    // The connection task ends at the upgrade, or after streaming a refusal's body.
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
+    // A TCP stream goes to hyper bare, so that `LegStream` finds the socket again after the upgrade.
+    let mut sender = match io {
+        UpstreamIo::Tcp(tcp) => http1_handshake(tcp).await?,
+        other => http1_handshake(other).await?,
+    };
 
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut upstream_req = Request::get(path).body(Body::default()).expect("a path from a parsed URI is valid");
     let trusted = crate::cidr::any_contains(&settings.config.listen.trusted_proxies, meta.peer.ip());
     let mut forwarded =
-        headers::forward_request(req.headers(), meta.peer.ip(), trusted, shared.tls, &upstream.authority, true);
+        headers::forward_request(req.headers(), meta.peer.ip(), trusted, shared.tls, &upstream.host, true);
     forwarded.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     forwarded.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     forwarded.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
@@ -140,6 +139,21 @@ async fn open_upstream(
     }
     let upgrade = hyper::upgrade::on(&mut response);
     Ok((response, upgrade))
+}
+
+/// Starts HTTP/1.1 on a fresh upstream connection; the connection task ends at the upgrade, or
+/// after streaming a refusal's body.
+async fn http1_handshake<T>(io: T) -> Result<hyper::client::conn::http1::SendRequest<Body>, UpstreamFailure>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| UpstreamFailure::Unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 /// The client's answer when the upstream leg failed.
