@@ -51,6 +51,13 @@ settings! {
         response_timeout: Duration = Duration::from_secs(30),
         /// The `Host` sent upstream; empty: the URL's `host:port` (`localhost` for a Unix socket).
         host_header: String = String::new(),
+        /// PEM CA certificates a `wss://` upstream is verified against; unset: the system's.
+        ca_file: Option<PathBuf> = None,
+        /// The name verified in (and sent as SNI to) a `wss://` upstream; empty: the URL's host.
+        server_name: String = String::new(),
+        /// A client certificate (PEM chain) and key for a `wss://` upstream that asks for one.
+        client_cert: Option<PathBuf> = None,
+        client_key: Option<PathBuf> = None,
     }
     derived {
         /// `host:port` of `url`, filled by `validate`.
@@ -59,6 +66,8 @@ settings! {
         unix_path: Option<PathBuf> = None,
         /// The `Host` header for the upstream, filled by `validate`.
         host: String = "127.0.0.1:8080".into(),
+        /// For a `wss://` upstream: the shared client configuration and the name to verify.
+        tls: Option<(std::sync::Arc<rustls::ClientConfig>, String)> = None,
     }
 
     [client_keepalive] ClientKeepalive {
@@ -241,8 +250,35 @@ impl Config {
             }
         } else {
             match parse_upstream_url(&self.upstream.url) {
-                Ok(authority) => self.upstream.authority = authority,
+                Ok(parsed) => {
+                    self.upstream.authority = parsed.authority;
+                    if parsed.tls {
+                        match crate::proxy::upstream_tls::client_config(&self.upstream, &parsed.host) {
+                            Ok(config) => {
+                                let u = &self.upstream;
+                                let name = if u.server_name.is_empty() { parsed.host } else { u.server_name.clone() };
+                                self.upstream.tls = Some((config, name));
+                            }
+                            Err(problems) => problems.into_iter().for_each(|(key, message)| bad(key, message)),
+                        }
+                    }
+                }
                 Err(e) => bad("upstream.url", e),
+            }
+        }
+        if self.upstream.tls.is_none() {
+            let u = &self.upstream;
+            let tls_keys = [
+                ("upstream.ca_file", u.ca_file.is_some()),
+                ("upstream.server_name", !u.server_name.is_empty()),
+                ("upstream.client_cert", u.client_cert.is_some()),
+                ("upstream.client_key", u.client_key.is_some()),
+            ];
+            let scheme_is_tls = ["wss://", "https://"].iter().any(|s| u.url.to_ascii_lowercase().starts_with(s));
+            for (key, set) in tls_keys {
+                if set && !scheme_is_tls {
+                    bad(key, "is only used with a wss:// or https:// upstream.url".into());
+                }
             }
         }
         let host = self.upstream.host_header.trim();
@@ -351,28 +387,38 @@ pub fn variable_warnings() -> Vec<String> {
     env::misspelled_variables(std::env::vars_os())
 }
 
-/// Accepts `ws://host:port` or `http://host:port` (the port defaults to 80) with no path.
-fn parse_upstream_url(url: &str) -> Result<String, String> {
+/// `upstream.url` taken apart.
+struct UpstreamUrl {
+    /// `host:port` to connect to.
+    authority: String,
+    /// The host alone (brackets kept for IPv6), the name a TLS upstream is verified against.
+    host: String,
+    tls: bool,
+}
+
+/// Accepts `ws://host:port`, `http://`, and over TLS `wss://` or `https://` (the port defaults to
+/// 80 or 443), with no path.
+fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
     let Some((scheme, _)) = url.split_once("://") else {
         return Err(format!("{url:?} has no scheme: write it like \"ws://127.0.0.1:8080\""));
     };
-    match scheme.to_ascii_lowercase().as_str() {
-        "ws" | "http" => {}
-        "wss" | "https" => {
-            return Err(format!("{url:?}: TLS to the upstream is not supported; wskeep runs beside it (use ws://)"))
-        }
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => false,
+        "wss" | "https" => true,
         _ => {
             return Err(format!(
-                "{url:?}: unsupported scheme {scheme:?}; the upstream is ws://host:port (or http://, or unix:/path)"
+                "{url:?}: unsupported scheme {scheme:?}; the upstream is ws://host:port (or wss://, http://, https://, \
+                 or unix:/path)"
             ))
         }
-    }
+    };
     let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("{url:?} has no host"))?;
     if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
         return Err(format!("{url:?} must not have a path or query: the client's own path is forwarded"));
     }
-    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Ok(UpstreamUrl { authority: format!("{host}:{port}"), host: host.to_string(), tls })
 }
 
 /// The secret in `admin.drain_token_file`: the file's content without surrounding whitespace,

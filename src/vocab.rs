@@ -77,15 +77,18 @@ pub enum UpgradeFailure {
     UpstreamRefused,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// The TLS handshake with a `wss://` upstream failed: its certificate did not verify (502).
+    UpstreamTls,
     BadRequest,
     Limit,
 }
 
 impl UpgradeFailure {
-    pub const ALL: [UpgradeFailure; 5] = [
+    pub const ALL: [UpgradeFailure; 6] = [
         UpgradeFailure::UpstreamRefused,
         UpgradeFailure::UpstreamUnreachable,
         UpgradeFailure::UpstreamTimeout,
+        UpgradeFailure::UpstreamTls,
         UpgradeFailure::BadRequest,
         UpgradeFailure::Limit,
     ];
@@ -95,6 +98,7 @@ impl UpgradeFailure {
             UpgradeFailure::UpstreamRefused => "upstream_refused",
             UpgradeFailure::UpstreamUnreachable => "upstream_unreachable",
             UpgradeFailure::UpstreamTimeout => "upstream_timeout",
+            UpgradeFailure::UpstreamTls => "upstream_tls",
             UpgradeFailure::BadRequest => "bad_request",
             UpgradeFailure::Limit => "limit",
         }

@@ -344,33 +344,50 @@ fn python() -> std::path::PathBuf {
     }
 }
 
-/// A Python `websockets` server (tests/networks/unix_upstream.py) on a Unix socket in `dir`.
+/// A Python `websockets` server (tests/networks/upstream.py), on a Unix socket or over TLS.
 struct PythonUpstream {
     child: Child,
     socket: std::path::PathBuf,
+    /// The TLS server's port on 127.0.0.1.
+    port: u16,
 }
 
 impl PythonUpstream {
-    async fn start(dir: &Path) -> PythonUpstream {
+    async fn unix(dir: &Path) -> PythonUpstream {
         let socket = dir.join("orchestrator.sock");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/networks/unix_upstream.py");
-        let child = Command::new(python())
+        let mut upstream = PythonUpstream::start(&["unix".as_ref(), socket.as_os_str()]).await;
+        upstream.socket = socket;
+        upstream
+    }
+
+    /// A TLS server with `cert` and `key`; with `client_ca` it requires a client certificate.
+    async fn tls(cert: &Path, key: &Path, client_ca: Option<&Path>) -> PythonUpstream {
+        let mut args = vec!["tls".as_ref(), cert.as_os_str(), key.as_os_str()];
+        args.extend(client_ca.map(Path::as_os_str));
+        PythonUpstream::start(&args).await
+    }
+
+    async fn start(args: &[&std::ffi::OsStr]) -> PythonUpstream {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/networks/upstream.py");
+        let mut child = Command::new(python())
             .arg(script)
-            .arg(&socket)
+            .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("python3 with websockets (tests/networks/install.sh)");
-        let mut upstream = PythonUpstream { child, socket };
-        let deadline = Instant::now() + LIMIT;
-        while tokio::net::UnixStream::connect(&upstream.socket).await.is_err() {
-            if let Some(status) = upstream.child.try_wait().unwrap() {
-                panic!("the Python upstream exited with {status} (is websockets installed? tests/networks/install.sh)");
-            }
-            assert!(Instant::now() < deadline, "the Python upstream never listened");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        upstream
+        let stdout = child.stdout.take().unwrap();
+        let first_line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(LIMIT, first_line).await.expect("the Python upstream starts in time");
+        let port = line.ok().and_then(Result::ok).and_then(|l| l.trim().strip_prefix("ready ")?.parse().ok());
+        let Some(port) = port else {
+            let _ = child.kill();
+            panic!("the Python upstream did not start (is websockets installed? tests/networks/install.sh)");
+        };
+        PythonUpstream { child, socket: Default::default(), port }
     }
 }
 
@@ -384,7 +401,7 @@ impl Drop for PythonUpstream {
 #[tokio::test]
 async fn unix_socket_upstream_with_its_host_header() {
     let dir = tempfile::tempdir().unwrap();
-    let upstream = PythonUpstream::start(dir.path()).await;
+    let upstream = PythonUpstream::unix(dir.path()).await;
     let socket = upstream.socket.display().to_string();
     let wskeep = Wskeep::start_with(|port, admin_port| {
         format!(
@@ -409,4 +426,130 @@ async fn unix_socket_upstream_with_its_host_header() {
     let (status, _) = common::http_get(wskeep.addr, "/plain").await.unwrap();
     assert_eq!(status, 502);
     wskeep.wait_log_line(&["orchestrator.sock"], LIMIT).await;
+}
+
+// === a wss:// upstream ===
+
+/// A CA and the PEM files it issued, in one directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let pki = Pki { dir: tempfile::tempdir().unwrap(), ca };
+        std::fs::write(pki.path("ca.crt"), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Issues a leaf for `names` (expired if `expired`) as `NAME.crt` and `NAME.key`.
+    fn issue(&self, file: &str, names: &[&str], expired: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (cert_path, key_path) = (self.path(&format!("{file}.crt")), self.path(&format!("{file}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+async fn start_tls(upstream_keys: &str) -> Wskeep {
+    Wskeep::start_with(|port, admin_port| {
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{port}\"\n[admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+             [upstream]\n{upstream_keys}\nconnect_timeout = \"2s\"\n\
+             [client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n[log]\nformat = \"json\"\n"
+        )
+    })
+    .await
+}
+
+/// The status of a WebSocket upgrade through `wskeep`.
+async fn upgrade_status(wskeep: &Wskeep) -> u16 {
+    let tcp = TcpStream::connect(wskeep.addr).await.unwrap();
+    match tokio_tungstenite::client_async("ws://wskeep.test/chat", tcp).await {
+        Ok((_, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn wss_upstream_verified_resumed_and_each_failure_named() {
+    let pki = Pki::new("wskeep test CA");
+    let (cert, key) = pki.issue("server", &["localhost", "127.0.0.1"], false);
+    let upstream = PythonUpstream::tls(&cert, &key, None).await;
+    let ca = pki.path("ca.crt").display().to_string();
+    let url = format!("url = \"wss://localhost:{}\"", upstream.port);
+    let wskeep = start_tls(&format!("{url}\nca_file = \"{ca}\"")).await;
+
+    // Verified against ca_file; the second connection resumes the first one's TLS session.
+    for resumed in [false, true] {
+        let mut ws = websocket(TcpStream::connect(wskeep.addr).await.unwrap(), &[]).await;
+        ws.send(Message::text("whoami")).await.unwrap();
+        let answer = common::next_message(&mut ws, LIMIT).await;
+        let want = format!(
+            "host=localhost:{} xff=127.0.0.1 resumed={}",
+            upstream.port,
+            if resumed { "True" } else { "False" }
+        );
+        assert_eq!(answer, Some(Message::text(want)));
+        ws.close(None).await.unwrap();
+    }
+    let (status, body) = common::http_get(wskeep.addr, "/plain").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with(&format!("plain host=localhost:{}", upstream.port)), "{body}");
+
+    // The system roots do not know the test CA; another name; an expired certificate.
+    let other_ca = Pki::new("another CA");
+    let expired_pki_cert = pki.issue("expired", &["localhost"], true);
+    let expired = PythonUpstream::tls(&expired_pki_cert.0, &expired_pki_cert.1, None).await;
+    let failures = [
+        (url.clone(), "UnknownIssuer"),
+        (format!("{url}\nca_file = \"{}\"", other_ca.path("ca.crt").display()), "UnknownIssuer"),
+        (format!("{url}\nca_file = \"{ca}\"\nserver_name = \"orchestrator.example\""), "not valid for name"),
+        (format!("url = \"wss://localhost:{}\"\nca_file = \"{ca}\"", expired.port), "xpired"),
+    ];
+    for (keys, detail) in failures {
+        let wskeep = start_tls(&keys).await;
+        assert_eq!(upgrade_status(&wskeep).await, 502, "{keys}");
+        wskeep.wait_metric("wskeep_upgrade_failures_total{reason=\"upstream_tls\"}", 1.0, LIMIT).await;
+        wskeep.wait_log_line(&["upstream_tls", detail], LIMIT).await;
+    }
+}
+
+#[tokio::test]
+async fn wss_upstream_with_a_client_certificate() {
+    let pki = Pki::new("wskeep test CA");
+    let (cert, key) = pki.issue("server", &["localhost"], false);
+    let (client_cert, client_key) = pki.issue("client", &["wskeep.client"], false);
+    let upstream = PythonUpstream::tls(&cert, &key, Some(&pki.path("ca.crt"))).await;
+    let keys = format!("url = \"wss://localhost:{}\"\nca_file = \"{}\"", upstream.port, pki.path("ca.crt").display());
+
+    let without = start_tls(&keys).await;
+    assert_eq!(upgrade_status(&without).await, 502, "the upstream requires a client certificate");
+
+    let with = start_tls(&format!(
+        "{keys}\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+        client_cert.display(),
+        client_key.display()
+    ))
+    .await;
+    let mut ws = websocket(TcpStream::connect(with.addr).await.unwrap(), &[]).await;
+    ws.close(None).await.unwrap();
 }

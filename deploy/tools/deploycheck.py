@@ -61,7 +61,8 @@ METRICS = {
     "wskeep_connections_active": ("gauge", {}),
     "wskeep_connections_total": ("counter", {}),
     "wskeep_upgrade_failures_total": ("counter", {"reason": {
-        "upstream_refused", "upstream_unreachable", "upstream_timeout", "bad_request", "limit"}}),
+        "upstream_refused", "upstream_unreachable", "upstream_timeout", "upstream_tls", "bad_request", "limit"}}),
+    "wskeep_proxy_protocol_failures_total": ("counter", {"reason": {"untrusted", "malformed", "timeout"}}),
     "wskeep_connection_duration_seconds": ("histogram", {"end": END}),
     "wskeep_close_codes_total": ("counter", {
         "side": SIDE, "direction": {"received", "sent"},

@@ -68,6 +68,8 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, settings: &Setting
 fn failed(status: StatusCode, peer: SocketAddr, path: &str, detail: &str) -> Response<Body> {
     let (reason, body) = if status == StatusCode::GATEWAY_TIMEOUT {
         (UpgradeFailure::UpstreamTimeout, "upstream timed out\n")
+    } else if detail.contains("TLS handshake with the upstream failed") {
+        (UpgradeFailure::UpstreamTls, "upstream unavailable\n")
     } else {
         (UpgradeFailure::UpstreamUnreachable, "upstream unavailable\n")
     };

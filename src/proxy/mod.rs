@@ -4,6 +4,7 @@
 pub mod headers;
 pub mod http;
 pub mod upstream;
+pub mod upstream_tls;
 pub mod ws;
 
 use std::convert::Infallible;

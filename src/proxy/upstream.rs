@@ -1,5 +1,5 @@
 //! Where the upstream is and how a connection to it is opened: TCP (`ws://host:port`, IPv6
-//! included) or a Unix domain socket (`unix:/run/orchestrator.sock`). The WebSocket handshake
+//! included), TLS (`wss://`, `upstream_tls`) or a Unix domain socket (`unix:/run/orchestrator.sock`). The WebSocket handshake
 //! (`ws`) and the pooled plain-HTTP client (`http`, through `Connector`) both connect here.
 
 use std::future::Future;
@@ -13,24 +13,54 @@ use std::time::Duration;
 use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::config::Upstream;
 
 /// Where connections to the upstream go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Target {
     /// `host:port`, resolved at each connect.
     Tcp(String),
     Unix(PathBuf),
+    /// TCP to `host:port`, then TLS verified for `name` with the configuration's shared client
+    /// configuration (and so its session cache).
+    Tls {
+        authority: String,
+        name: ServerName<'static>,
+        config: Arc<ClientConfig>,
+    },
 }
 
 impl Target {
     pub fn of(upstream: &Upstream) -> Target {
-        match &upstream.unix_path {
-            Some(path) => Target::Unix(path.clone()),
-            None => Target::Tcp(upstream.authority.clone()),
+        if let Some(path) = &upstream.unix_path {
+            return Target::Unix(path.clone());
+        }
+        if let Some((config, name)) = &upstream.tls {
+            // `validate` checked the name.
+            if let Some(name) = super::upstream_tls::server_name(name) {
+                return Target::Tls { authority: upstream.authority.clone(), name, config: config.clone() };
+            }
+        }
+        Target::Tcp(upstream.authority.clone())
+    }
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        match (self, other) {
+            (Target::Tcp(a), Target::Tcp(b)) => a == b,
+            (Target::Unix(a), Target::Unix(b)) => a == b,
+            (Target::Tls { authority: a, name: n, config: c }, Target::Tls { authority: b, name: m, config: d }) => {
+                a == b && n == m && Arc::ptr_eq(c, d)
+            }
+            _ => false,
         }
     }
 }
@@ -40,28 +70,51 @@ impl Target {
 pub enum UpstreamIo {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// Opens a connection to `target` within `timeout` (an `io::ErrorKind::TimedOut` past it).
-pub async fn connect(target: &Target, timeout: Duration) -> io::Result<UpstreamIo> {
+/// Why no connection to the upstream was opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Connecting failed, or timed out (`io::ErrorKind::TimedOut`).
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// The TLS handshake failed: a certificate that does not verify, a wrong name, an expired
+    /// certificate, a refused client certificate, or not TLS at all.
+    #[error("TLS handshake with the upstream failed: {0}")]
+    Tls(String),
+}
+
+/// Opens a connection to `target` within `timeout` (TLS handshake included).
+pub async fn connect(target: &Target, timeout: Duration) -> Result<UpstreamIo, ConnectError> {
     let connecting = async {
         Ok(match target {
-            Target::Tcp(authority) => {
-                let tcp = TcpStream::connect(authority.as_str()).await?;
-                let _ = tcp.set_nodelay(true);
-                UpstreamIo::Tcp(tcp)
-            }
+            Target::Tcp(authority) => UpstreamIo::Tcp(tcp(authority).await.map_err(ConnectError::Io)?),
             Target::Unix(path) => UpstreamIo::Unix(
                 UnixStream::connect(path)
                     .await
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+                    .map_err(|e| ConnectError::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display()))))?,
             ),
+            Target::Tls { authority, name, config } => {
+                let tcp = tcp(authority).await.map_err(ConnectError::Io)?;
+                let tls = TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| ConnectError::Tls(e.to_string()))?;
+                UpstreamIo::Tls(Box::new(tls))
+            }
         })
     };
     match tokio::time::timeout(timeout, connecting).await {
         Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        Err(_) => Err(ConnectError::Io(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
     }
+}
+
+async fn tcp(authority: &str) -> io::Result<TcpStream> {
+    let tcp = TcpStream::connect(authority).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 impl AsyncRead for UpstreamIo {
@@ -69,6 +122,7 @@ impl AsyncRead for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(io) => Pin::new(io).poll_read(cx, buf),
             UpstreamIo::Unix(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -78,6 +132,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(io) => Pin::new(io).poll_write(cx, data),
             UpstreamIo::Unix(io) => Pin::new(io).poll_write(cx, data),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, data),
         }
     }
 
@@ -85,6 +140,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(io) => Pin::new(io).poll_flush(cx),
             UpstreamIo::Unix(io) => Pin::new(io).poll_flush(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
         }
     }
 
@@ -92,6 +148,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(io) => Pin::new(io).poll_shutdown(cx),
             UpstreamIo::Unix(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -118,10 +175,10 @@ impl Connector {
 
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<UpstreamIo>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<UpstreamIo>>> + Send>>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<UpstreamIo>, ConnectError>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
         Poll::Ready(Ok(()))
     }
 

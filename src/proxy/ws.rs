@@ -17,7 +17,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::upstream::{self, UpstreamIo};
+use super::upstream::{self, ConnectError, UpstreamIo};
 use super::{headers, text, Body, ConnMeta, Settings, Shared};
 use crate::legstream::LegStream;
 use crate::relay::{self, RelaySettings};
@@ -29,6 +29,8 @@ enum UpstreamFailure {
     TimedOut(&'static str),
     Refused(Response<Incoming>),
     BadHandshake(&'static str),
+    /// The upstream's certificate did not verify (or the TLS handshake failed otherwise).
+    Tls(String),
 }
 
 pub async fn upgrade(
@@ -97,10 +99,11 @@ async fn open_upstream(
     let upstream = &settings.config.upstream;
     let io = match upstream::connect(&upstream::Target::of(upstream), upstream.connect_timeout).await {
         Ok(io) => io,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+        Err(ConnectError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
             return Err(UpstreamFailure::TimedOut("connect timed out"))
         }
-        Err(e) => return Err(UpstreamFailure::Unreachable(e.to_string())),
+        Err(ConnectError::Io(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
+        Err(e @ ConnectError::Tls(_)) => return Err(UpstreamFailure::Tls(e.to_string())),
     };
     // A TCP stream goes to hyper bare, so that `LegStream` finds the socket again after the upgrade.
     let mut sender = match io {
@@ -170,6 +173,7 @@ fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
         UpstreamFailure::BadHandshake(e) => {
             (UpgradeFailure::UpstreamUnreachable, StatusCode::BAD_GATEWAY, e.to_string())
         }
+        UpstreamFailure::Tls(e) => (UpgradeFailure::UpstreamTls, StatusCode::BAD_GATEWAY, e),
         UpstreamFailure::TimedOut(e) => (UpgradeFailure::UpstreamTimeout, StatusCode::GATEWAY_TIMEOUT, e.to_string()),
     };
     shared.metrics.upgrade_failed(reason);
