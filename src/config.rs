@@ -67,7 +67,7 @@ settings! {
         /// The `Host` header for the upstream, filled by `validate`.
         host: String = "127.0.0.1:8080".into(),
         /// For a `wss://` upstream: the shared client configuration and the name to verify.
-        tls: Option<(std::sync::Arc<rustls::ClientConfig>, String)> = None,
+        tls: Option<std::sync::Arc<crate::proxy::upstream_tls::UpstreamTls>> = None,
     }
 
     [client_keepalive] ClientKeepalive {
@@ -253,12 +253,8 @@ impl Config {
                 Ok(parsed) => {
                     self.upstream.authority = parsed.authority;
                     if parsed.tls {
-                        match crate::proxy::upstream_tls::client_config(&self.upstream, &parsed.host) {
-                            Ok(config) => {
-                                let u = &self.upstream;
-                                let name = if u.server_name.is_empty() { parsed.host } else { u.server_name.clone() };
-                                self.upstream.tls = Some((config, name));
-                            }
+                        match crate::proxy::upstream_tls::UpstreamTls::load(&self.upstream, &parsed.host) {
+                            Ok(tls) => self.upstream.tls = Some(std::sync::Arc::new(tls)),
                             Err(problems) => problems.into_iter().for_each(|(key, message)| bad(key, message)),
                         }
                     }

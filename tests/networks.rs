@@ -553,3 +553,30 @@ async fn wss_upstream_with_a_client_certificate() {
     let mut ws = websocket(TcpStream::connect(with.addr).await.unwrap(), &[]).await;
     ws.close(None).await.unwrap();
 }
+
+#[tokio::test]
+async fn upstream_ca_file_is_reloaded_when_it_changes() {
+    let pki = Pki::new("wskeep test CA");
+    let (cert, key) = pki.issue("server", &["localhost"], false);
+    let upstream = PythonUpstream::tls(&cert, &key, None).await;
+    // ca_file starts with another CA's certificate: the upstream does not verify.
+    let other_ca = Pki::new("another CA");
+    let ca_file = pki.path("rotated-ca.crt");
+    std::fs::copy(other_ca.path("ca.crt"), &ca_file).unwrap();
+    let wskeep = start_tls(&format!(
+        "url = \"wss://localhost:{}\"\nca_file = {:?}",
+        upstream.port,
+        ca_file.display().to_string()
+    ))
+    .await;
+    assert_eq!(upgrade_status(&wskeep).await, 502);
+
+    // The right CA written in its place is taken up by a later connection, without a restart.
+    std::fs::write(&ca_file, std::fs::read(pki.path("ca.crt")).unwrap()).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while upgrade_status(&wskeep).await != 101 {
+        assert!(Instant::now() < deadline, "the new ca_file was never used:\n{}", wskeep.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wskeep.wait_log_line(&["upstream TLS files reloaded"], LIMIT).await;
+}

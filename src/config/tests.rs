@@ -127,7 +127,9 @@ fn every_declared_key_is_read_and_printed() {
     let printed = Config::default().to_toml();
     let table: toml::Table = printed.parse().unwrap();
     for (section, declared) in KEYS {
-        for key in declared.iter().filter(|k| !k.starts_with("tls_")) {
+        // Files are unset by default, and an unset option is left out.
+        let unset = ["drain_token_file", "ca_file", "client_cert", "client_key"];
+        for key in declared.iter().filter(|k| !k.starts_with("tls_") && !unset.contains(k)) {
             assert!(table[*section].get(*key).is_some(), "{section}.{key} missing from\n{printed}");
         }
     }

@@ -14,12 +14,12 @@ use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::upstream_tls::UpstreamTls;
 use crate::config::Upstream;
 
 /// Where connections to the upstream go.
@@ -33,7 +33,7 @@ pub enum Target {
     Tls {
         authority: String,
         name: ServerName<'static>,
-        config: Arc<ClientConfig>,
+        config: Arc<UpstreamTls>,
     },
 }
 
@@ -42,10 +42,10 @@ impl Target {
         if let Some(path) = &upstream.unix_path {
             return Target::Unix(path.clone());
         }
-        if let Some((config, name)) = &upstream.tls {
+        if let Some(tls) = &upstream.tls {
             // `validate` checked the name.
-            if let Some(name) = super::upstream_tls::server_name(name) {
-                return Target::Tls { authority: upstream.authority.clone(), name, config: config.clone() };
+            if let Some(name) = super::upstream_tls::server_name(&tls.name) {
+                return Target::Tls { authority: upstream.authority.clone(), name, config: tls.clone() };
             }
         }
         Target::Tcp(upstream.authority.clone())
@@ -97,7 +97,7 @@ pub async fn connect(target: &Target, timeout: Duration) -> Result<UpstreamIo, C
             ),
             Target::Tls { authority, name, config } => {
                 let tcp = tcp(authority).await.map_err(ConnectError::Io)?;
-                let tls = TlsConnector::from(config.clone())
+                let tls = TlsConnector::from(config.current())
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(|e| ConnectError::Tls(e.to_string()))?;

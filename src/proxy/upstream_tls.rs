@@ -3,11 +3,14 @@
 //! storm then pays one full handshake, not one per client). Certificates are always verified,
 //! against `upstream.ca_file` or the system's roots; the name checked (and sent as SNI) is
 //! `upstream.server_name` or the URL's host. `upstream.client_cert` and `upstream.client_key`
-//! add a client certificate (mTLS). The files are read when the configuration is loaded or
-//! reloaded (SIGHUP).
+//! add a client certificate (mTLS). The files are read when the configuration is loaded, and
+//! again when they change on disk (looked at, at most once per `RELOAD_POLL`, by the next
+//! connection), as the listener's are: a set that no longer loads is logged and the one in
+//! service kept.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Instant;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -17,6 +20,73 @@ use crate::config::Upstream;
 
 /// A problem with the upstream TLS keys: (key, message).
 pub type KeyProblem = (&'static str, String);
+
+/// The client configuration in service for a `wss://` upstream, and the files it came from.
+#[derive(Debug)]
+pub struct UpstreamTls {
+    /// The name verified and sent as SNI.
+    pub name: String,
+    sni_host: String,
+    keys: Upstream,
+    current: RwLock<Arc<ClientConfig>>,
+    /// When the files were last looked at, and what they were then.
+    seen: Mutex<(Instant, Vec<Option<crate::tls::Fingerprint>>)>,
+}
+
+impl UpstreamTls {
+    /// Loads the files `upstream` names, or lists every problem with them.
+    pub fn load(upstream: &Upstream, sni_host: &str) -> Result<UpstreamTls, Vec<KeyProblem>> {
+        let keys = Upstream { tls: None, ..upstream.clone() };
+        let seen = fingerprints(&keys);
+        let config = client_config(&keys, sni_host)?;
+        let name = if keys.server_name.is_empty() { sni_host.to_string() } else { keys.server_name.clone() };
+        Ok(UpstreamTls {
+            name,
+            sni_host: sni_host.to_string(),
+            keys,
+            current: RwLock::new(config),
+            seen: Mutex::new((Instant::now(), seen)),
+        })
+    }
+
+    /// The configuration for a new connection, reloaded first if the files changed.
+    pub fn current(&self) -> Arc<ClientConfig> {
+        self.reload_if_changed();
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn reload_if_changed(&self) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.0.elapsed() < crate::tls::RELOAD_POLL {
+            return;
+        }
+        let now = fingerprints(&self.keys);
+        let changed = now != seen.1;
+        *seen = (Instant::now(), now);
+        if !changed {
+            return;
+        }
+        match client_config(&self.keys, &self.sni_host) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+                tracing::info!("upstream TLS files reloaded");
+            }
+            Err(problems) => {
+                for (key, message) in problems {
+                    tracing::error!(key, error = %message, "upstream TLS files refused; the previous ones stay in service");
+                }
+            }
+        }
+    }
+}
+
+fn fingerprints(keys: &Upstream) -> Vec<Option<crate::tls::Fingerprint>> {
+    [&keys.ca_file, &keys.client_cert, &keys.client_key]
+        .into_iter()
+        .flatten()
+        .map(|p: &PathBuf| crate::tls::fingerprint(p))
+        .collect()
+}
 
 /// The client configuration for `upstream`, or every problem with its files.
 pub fn client_config(upstream: &Upstream, sni_host: &str) -> Result<Arc<ClientConfig>, Vec<KeyProblem>> {
