@@ -202,6 +202,26 @@ async fn behind_haproxy_send_proxy_v2() {
 }
 
 #[tokio::test]
+async fn the_header_comes_before_tls() {
+    let upstream = TestUpstream::start().await;
+    let cert = common::test_cert();
+    let tls = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\nproxy_protocol = \"v2\"\ntrusted_proxies = [\"127.0.0.1\"]",
+        cert.cert.display().to_string(),
+        cert.key.display().to_string()
+    );
+    let wskeep = start(upstream.addr, &tls).await;
+    let haproxy = Balancer::haproxy(wskeep.addr).await;
+    // HAProxy in TCP mode passes the TLS bytes through, after its header: wskeep reads the header
+    // and only then the ClientHello (read as part of TLS, the header would fail the handshake).
+    let mut ws = common::wss(haproxy.addr, &cert, "/chat", &[]).await;
+    ws.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(common::next_message(&mut ws, LIMIT).await, Some(Message::text("over tls")));
+    assert_eq!(upstream.last_request().header("x-forwarded-proto"), Some("https"));
+    assert_eq!(upstream.last_request().header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[tokio::test]
 async fn behind_nginx_stream_proxy_protocol_v1() {
     let upstream = TestUpstream::start().await;
     // "any" takes v1 as well as v2.
