@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine (as root). Idempotent.
-#   chromium              the real browser of tests/browser.rs
+#   chromium              the real browser of tests/browser.rs and tests/pages.rs
+#   nodejs, npm,          tests/pages.rs drives Chromium through the admin pages with
+#   playwright-core (npm) playwright-core, installed from tests/pages/package-lock.json
 #   prometheus, promtool  tests/metrics.rs (a real Prometheus scraping wskeep) and deploy/check.sh
 #   kosoku (PyPI)         the Autobahn|Testsuite cases, tests/conformance/run.sh
 #   kubernetes-validate   deploy/check.sh
@@ -19,6 +21,11 @@ if ! command -v chromium >/dev/null; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends chromium
 fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends nodejs npm
+fi
+(cd tests/pages && npm ci --no-audit --no-fund --loglevel=error)
 bash tests/conformance/install.sh >/dev/null
 bash tests/networks/install.sh
 if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v python3 >/dev/null \
@@ -31,4 +38,4 @@ if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null \
   apt-get update -q
   apt-get install -y -q --no-install-recommends haproxy nginx libnginx-mod-stream
 fi
-command -v chromium promtool prometheus ip iptables python3 setpriv haproxy nginx
+command -v chromium node promtool prometheus ip iptables python3 setpriv haproxy nginx

@@ -3,7 +3,8 @@
 //! - `GET /metrics`: Prometheus text exposition
 //! - `GET /healthz`: 200 while the process runs
 //! - `GET /readyz`: 200 while accepting connections; 503 before the listener serves and while draining
-//! - `GET /connections`: the live proxied connections as JSON
+//! - `GET /connections`: the live proxied connections as JSON; `?ended=1`: the last endings
+//! - `GET /`, `/probe`: the status page and the connection stability test page (`pages`)
 //! - `GET|POST /drain`: start draining; with `?wait=true`, answer once every connection has
 //!   closed or the drain has timed out (the orchestrator's `preStop` hook)
 //!
@@ -30,7 +31,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Shared;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, ready: Arc<AtomicBool>, stop: CancellationToken) {
+pub(crate) mod pages;
+
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+    proxy_addr: SocketAddr,
+) {
+    tokio::spawn(sample_open_connections(shared.clone(), stop.clone()));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -48,7 +58,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, ready: Arc<Atomic
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 let ready = ready.clone();
-                async move { Ok::<_, Infallible>(route(req, peer, &shared, &ready).await) }
+                async move { Ok::<_, Infallible>(route(req, peer, &shared, &ready, proxy_addr).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -68,7 +78,27 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
-async fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Shared, ready: &AtomicBool) -> Response<Full<Bytes>> {
+/// Samples the number of open connections for the status page's hour chart.
+async fn sample_open_connections(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(crate::endings::SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => shared.endings.sample(shared.connections.len()),
+        }
+    }
+}
+
+async fn route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+    ready: &AtomicBool,
+    proxy_addr: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if let Some(page) = pages::serve(req.uri().path(), req.uri().query().unwrap_or(""), shared, proxy_addr) {
+        return page;
+    }
     match req.uri().path() {
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.encode()),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
@@ -79,9 +109,16 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, shared: &Shared, ready:
                 reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n")
             }
         }
+        "/connections" if query_params(&req).any(|(k, v)| k == "ended" && (v == "1" || v == "true")) => {
+            reply(StatusCode::OK, "application/json", shared.endings.recent_json(usize::MAX).to_string())
+        }
         "/connections" => reply(StatusCode::OK, "application/json", shared.connections.to_json().to_string()),
         "/drain" => drain(&req, peer, shared).await,
-        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found: try /metrics /healthz /readyz /connections /drain\n"),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: try / /probe /metrics /healthz /readyz /connections /drain\n",
+        ),
     }
 }
 

@@ -42,6 +42,8 @@ settings! {
         proxy_protocol: ProxyProtocol = ProxyProtocol::Off,
         /// Peers whose PROXY header, X-Forwarded-For and Forwarded are believed.
         trusted_proxies: Vec<Cidr> = Vec::new(),
+        /// Serves the stability test page on this port at this path ("/wskeep/probe"); "": off.
+        probe_path: String = String::new(),
     }
 
     [upstream] Upstream {
@@ -215,6 +217,15 @@ impl Config {
                     self.listen.proxy_protocol.as_str()
                 ),
             );
+        }
+        let probe = &self.listen.probe_path;
+        let plain = |c: char| c.is_ascii_alphanumeric() || "/-_.~".contains(c);
+        if !probe.is_empty() && (!probe.starts_with('/') || probe.ends_with('/') || !probe.chars().all(plain)) {
+            let message = format!(
+                "{probe:?} must be \"\" (off) or a path such as \"/wskeep/probe\": starting with /, not ending \
+                 with /, of letters, digits and / - _ . ~ only"
+            );
+            bad("listen.probe_path", message);
         }
         if self.listen.handshake_timeout.is_zero() {
             bad("listen.handshake_timeout", "must be above 0s: without it a silent socket is held forever".into());

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::metrics::RTT_BUCKETS;
 use crate::vocab::Side;
 
 /// Per-leg counters of one connection. Messages and bytes count what was read from this leg.
@@ -68,6 +69,7 @@ impl ConnInfo {
                 "bytes": l.bytes.load(Relaxed),
                 "pings_sent": l.pings_sent.load(Relaxed),
                 "pongs_received": l.pongs_received.load(Relaxed),
+                "pings_answered": l.pings_answered.load(Relaxed),
             })
         };
         json!({
@@ -116,6 +118,155 @@ impl Connections {
         list.sort_by_key(|c| c.id);
         Value::Array(list.iter().map(|c| c.to_json(now)).collect())
     }
+
+    /// The status page's view: at most `query.limit` connections whose path contains
+    /// `query.path`, in `query.sort` order, plus how many matched and the RTT distribution of
+    /// every live connection per leg. The map is locked only to clone its `Arc`s; sorting and
+    /// JSON happen after, and only the shown rows are turned into JSON.
+    pub fn query(&self, query: &Query) -> Value {
+        let now = Instant::now();
+        let all: Vec<Arc<ConnInfo>> = self.lock().values().cloned().collect();
+        let mut rtt = [[0u64; RTT_BUCKETS.len() + 1]; 2];
+        for conn in &all {
+            for side in Side::BOTH {
+                if let Some(d) = conn.last_rtt(side) {
+                    let bucket = RTT_BUCKETS.iter().position(|&b| d.as_secs_f64() <= b).unwrap_or(RTT_BUCKETS.len());
+                    rtt[side as usize][bucket] += 1;
+                }
+            }
+        }
+        let mut rows: Vec<(u64, &ConnInfo)> = all
+            .iter()
+            .filter(|c| query.path.as_deref().is_none_or(|p| c.path.contains(p)))
+            .map(|c| (query.sort.key(c, now), &**c))
+            .collect();
+        let matched = rows.len();
+        let order = |a: &(u64, &ConnInfo), b: &(u64, &ConnInfo)| {
+            let by_key = if query.descending { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) };
+            by_key.then(a.1.id.cmp(&b.1.id))
+        };
+        let limit = query.limit.min(rows.len());
+        if limit < rows.len() && limit > 0 {
+            rows.select_nth_unstable_by(limit - 1, order);
+        }
+        rows.truncate(limit);
+        rows.sort_unstable_by(order);
+        let histogram = |side: Side| {
+            let counts = &rtt[side as usize];
+            let buckets: Vec<Value> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, n)| json!({ "le": RTT_BUCKETS.get(i).copied(), "count": n }))
+                .collect();
+            Value::Array(buckets)
+        };
+        json!({
+            "open": all.len(),
+            "matched": matched,
+            "connections": rows.iter().map(|(_, c)| c.to_json(now)).collect::<Vec<_>>(),
+            "rtt": { "client": histogram(Side::Client), "upstream": histogram(Side::Upstream) },
+        })
+    }
+}
+
+/// What the status page asks for: `?sort=KEY&order=asc|desc&path=TEXT&limit=N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    pub sort: SortKey,
+    pub descending: bool,
+    pub path: Option<String>,
+    pub limit: usize,
+}
+
+/// Rows the status page shows at most, whatever it asks for.
+pub const MAX_ROWS: usize = 500;
+
+impl Default for Query {
+    fn default() -> Self {
+        Query { sort: SortKey::Age, descending: true, path: None, limit: 100 }
+    }
+}
+
+impl Query {
+    /// Parses the page's query string; unknown keys and bad values are ignored (a read-only
+    /// view has nothing to refuse), the limit is capped at `MAX_ROWS`.
+    pub fn parse(query: &str) -> Query {
+        let mut q = Query::default();
+        for (key, value) in query.split('&').map(|kv| kv.split_once('=').unwrap_or((kv, ""))) {
+            match key {
+                "sort" => q.sort = SortKey::parse(value).unwrap_or(q.sort),
+                "order" => q.descending = value != "asc",
+                "path" if !value.is_empty() => q.path = Some(percent_decode(value)),
+                "limit" => q.limit = value.parse::<usize>().map_or(q.limit, |n| n.min(MAX_ROWS)),
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+/// `%XX` and `+` decoding of a query value; bad escapes stay as they are.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match value.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                None => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The column the status page sorts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    Id,
+    Age,
+    ClientIdle,
+    UpstreamIdle,
+    ClientRtt,
+    UpstreamRtt,
+    Messages,
+}
+
+impl SortKey {
+    fn parse(name: &str) -> Option<SortKey> {
+        Some(match name {
+            "id" => SortKey::Id,
+            "age" => SortKey::Age,
+            "client_idle" => SortKey::ClientIdle,
+            "upstream_idle" => SortKey::UpstreamIdle,
+            "client_rtt" => SortKey::ClientRtt,
+            "upstream_rtt" => SortKey::UpstreamRtt,
+            "messages" => SortKey::Messages,
+            _ => return None,
+        })
+    }
+
+    fn key(self, c: &ConnInfo, now: Instant) -> u64 {
+        let age_us = now.saturating_duration_since(c.started).as_micros() as u64;
+        let idle = |side: Side| age_us.saturating_sub(c.leg(side).last_frame_us.load(Relaxed));
+        match self {
+            SortKey::Id => c.id,
+            SortKey::Age => age_us,
+            SortKey::ClientIdle => idle(Side::Client),
+            SortKey::UpstreamIdle => idle(Side::Upstream),
+            SortKey::ClientRtt => c.leg(Side::Client).last_rtt_us.load(Relaxed),
+            SortKey::UpstreamRtt => c.leg(Side::Upstream).last_rtt_us.load(Relaxed),
+            SortKey::Messages => Side::BOTH.iter().map(|s| c.leg(*s).messages.load(Relaxed)).sum(),
+        }
+    }
 }
 
 /// Keeps a connection listed while it lives.
@@ -127,5 +278,44 @@ pub struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.list.lock().remove(&self.info.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_query_is_parsed_and_bounded() {
+        let q = Query::parse("sort=client_rtt&order=asc&path=%2Fvoice+x&limit=100000&token=secret");
+        assert_eq!(
+            q,
+            Query { sort: SortKey::ClientRtt, descending: false, path: Some("/voice x".into()), limit: MAX_ROWS }
+        );
+        assert_eq!(
+            Query::parse("sort=nope&limit=x&path=%zz%"),
+            Query { path: Some("%zz%".into()), ..Query::default() }
+        );
+    }
+
+    #[test]
+    fn a_query_shows_the_top_rows_of_the_matching_connections() {
+        let list = Arc::new(Connections::default());
+        let guards: Vec<ConnGuard> = (0..50)
+            .map(|i| list.open(([127, 0, 0, 1], 1).into(), format!("/{}", if i % 2 == 0 { "even" } else { "odd" })))
+            .collect();
+        for g in &guards {
+            g.info.leg(Side::Client).messages.store(g.info.id * 7 % 50, Relaxed);
+        }
+        let q = Query { sort: SortKey::Messages, descending: true, path: Some("even".into()), limit: 5 };
+        let view = list.query(&q);
+        assert_eq!(view["open"], 50);
+        assert_eq!(view["matched"], 25);
+        let shown: Vec<u64> =
+            view["connections"].as_array().unwrap().iter().map(|c| c["client"]["messages"].as_u64().unwrap()).collect();
+        let mut expected: Vec<u64> =
+            guards.iter().filter(|g| g.info.path == "/even").map(|g| g.info.id * 7 % 50).collect();
+        expected.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(shown, expected[..5]);
     }
 }

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod cidr;
 pub mod config;
 pub mod connections;
+pub mod endings;
 pub mod frame;
 pub mod jsonping;
 pub mod keepalive;

@@ -113,7 +113,9 @@ impl Server {
     pub async fn run(self) {
         let Server { shared, listener, admin, tls, ready } = self;
         let stop_background = CancellationToken::new();
-        tokio::spawn(crate::admin::serve(admin, shared.clone(), ready.clone(), stop_background.clone()));
+        let proxy_addr = listener.local_addr().unwrap_or(shared.settings().config.listen.addr);
+        let admin_task = crate::admin::serve(admin, shared.clone(), ready.clone(), stop_background.clone(), proxy_addr);
+        tokio::spawn(admin_task);
         if let Some((_, resolver)) = &tls {
             tokio::spawn(tls::watch(resolver.clone(), shared.metrics.clone(), stop_background.clone()));
         }

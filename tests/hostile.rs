@@ -339,16 +339,7 @@ async fn read_close(conn: &mut Connection, limit: Duration) -> ((Option<u16>, St
 async fn answer_close(conn: &mut Connection, code: u16) {
     conn.writer.queue_close(Some(code), "");
     let _ = conn.writer.flush().await;
-    let rest = tokio::time::timeout(LIMIT, async {
-        loop {
-            match conn.reader.read_frame().await {
-                Ok(Some(_)) => continue,
-                _ => return,
-            }
-        }
-    })
-    .await;
-    assert!(rest.is_ok(), "wskeep ends the connection after the closing handshake");
+    assert_ends(conn, "wskeep ends the connection after the closing handshake").await;
 }
 
 /// Waits for the upstream to record its `n`th close frame and returns it.
@@ -480,16 +471,13 @@ fn shutdown_close_bound() -> Duration {
 
 /// The connection ends (EOF or reset) with the client sending nothing more.
 async fn assert_ends_without_another_close(conn: &mut Connection) {
-    let rest = tokio::time::timeout(LIMIT, async {
-        loop {
-            match conn.reader.read_frame().await {
-                Ok(Some(_)) => continue,
-                _ => return,
-            }
-        }
-    })
-    .await;
-    assert!(rest.is_ok(), "wskeep ends the connection without waiting for a second close");
+    assert_ends(conn, "wskeep ends the connection without waiting for a second close").await;
+}
+
+/// Reads until the connection ends (EOF or reset), within `LIMIT`.
+async fn assert_ends(conn: &mut Connection, what: &str) {
+    let rest = tokio::time::timeout(LIMIT, async { while let Ok(Some(_)) = conn.reader.read_frame().await {} }).await;
+    assert!(rest.is_ok(), "{what}");
 }
 
 #[tokio::test]

@@ -96,7 +96,7 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint",
 
 # Configuration keys wskeep accepts (DESIGN.md, "Configuration"); unknown keys are errors there.
 CONFIG_KEYS = {
-    "listen": {"addr", "tls_cert", "tls_key", "handshake_timeout", "idle_timeout", "max_connections"},
+    "listen": {"addr", "tls_cert", "tls_key", "handshake_timeout", "idle_timeout", "max_connections", "probe_path"},
     "upstream": {"url", "connect_timeout", "response_timeout"},
     "client_keepalive": {"ping_interval", "timeout"},
     "upstream_keepalive": {"ping_interval", "pong_interval", "timeout"},

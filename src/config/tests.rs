@@ -123,7 +123,8 @@ fn every_declared_key_is_read_and_printed() {
             assert!(keys.contains(&path), "{path} is not read: {keys:?}");
         }
     }
-    // And every key with a value is printed, in a form that reads back the same.
+    // And every key with a value is printed, in a form that reads back the same (the optional
+    // files, unset by default, are not).
     let printed = Config::default().to_toml();
     let table: toml::Table = printed.parse().unwrap();
     for (section, declared) in KEYS {
@@ -263,4 +264,14 @@ fn a_unix_socket_upstream_and_its_host() {
         "{m:?}"
     );
     assert!(m.iter().any(|l| l.starts_with("upstream.host_header: \"a b\" is not a host[:port]")), "{m:?}");
+}
+
+#[test]
+fn the_probe_path_is_off_or_a_plain_path() {
+    assert_eq!(Config::from_toml("").unwrap().listen.probe_path, "", "off by default");
+    assert!(problems("[listen]\nprobe_path = \"/wskeep/probe\"").is_empty());
+    for bad in ["wskeep", "/", "/probe/", "/probe?x=1", "/a\\\"b", "/<script>", "/a b"] {
+        let text = format!("[listen]\nprobe_path = \"{bad}\"");
+        assert_eq!(problems(&text), ["listen.probe_path"], "{bad}");
+    }
 }

@@ -20,6 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::Config;
 use crate::connections::Connections;
+use crate::endings::Endings;
 use crate::metrics::Metrics;
 use crate::relay::RelaySettings;
 use crate::shutdown::Drain;
@@ -33,6 +34,8 @@ pub struct Shared {
     settings: RwLock<Arc<Settings>>,
     pub metrics: Arc<Metrics>,
     pub connections: Arc<Connections>,
+    /// The last endings and the counts behind the status page's charts.
+    pub endings: Endings,
     pub drain: Drain,
     /// Whether the listener terminates TLS (for `X-Forwarded-Proto`).
     pub tls: bool,
@@ -73,6 +76,7 @@ impl Shared {
             settings: RwLock::new(Arc::new(Settings::new(config, None))),
             metrics,
             connections: Arc::new(Connections::default()),
+            endings: Endings::default(),
             tls,
         }
     }
@@ -99,6 +103,10 @@ pub struct ConnMeta {
 
 pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Result<Response<Body>, Infallible> {
     let settings = shared.settings();
+    if let Some(page) = crate::admin::pages::serve_on_proxy(req.uri().path(), &settings.config.listen.probe_path) {
+        shared.metrics.http_request(page.status());
+        return Ok(page.map(|body| body.map_err(|never| match never {}).boxed()));
+    }
     if headers::wants_websocket(req.headers()) {
         Ok(ws::upgrade(req, shared, settings, meta).await)
     } else {

@@ -213,6 +213,7 @@ async fn relay_task(
     // also sees every ending.
     metrics.connection_ended(outcome.end, duration.as_secs_f64());
     crate::telemetry::connection_closed(conn, &outcome, duration);
+    shared.endings.record(conn.clone(), outcome, duration);
     metrics.connections_active.dec();
     drop(guard);
     drop(meta.permit);

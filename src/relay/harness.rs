@@ -25,10 +25,10 @@ pub const MAX_MESSAGE: u64 = 4096;
 type WireState = (usize, Vec<u8>, Vec<u8>);
 
 #[derive(Clone, Default)]
-struct Wire(Arc<Mutex<WireState>>);
+pub(super) struct Wire(Arc<Mutex<WireState>>);
 
 impl Wire {
-    fn state(&self) -> std::sync::MutexGuard<'_, WireState> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, WireState> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

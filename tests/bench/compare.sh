@@ -26,6 +26,9 @@
 #   IDLE_HOLD [20s]     hold of scenario 4
 #   IDLE_PARALLEL [128] handshakes in flight at once in scenarios 4 and 5
 #   KEEPALIVE_HOLD [60] seconds, hold of scenario 5
+#   STATUS_PAGE [0]     seconds between /status.json requests on wskeep's admin port during scenario
+#                       5's measured window, as an open status page makes them (0: none); the
+#                       responses' sizes and times are in OUT/*.status
 #   OUT [target/bench-compare-DATE]   raw logs and results.tsv, table.txt (kept)
 #
 # CPU placement: every proxy runs on CPU 1 (taskset -c 1; nginx worker_processes 1, HAProxy
@@ -46,6 +49,7 @@ IDLE_CONNS=${IDLE_CONNS:-9500}
 IDLE_HOLD=${IDLE_HOLD:-20s}
 IDLE_PARALLEL=${IDLE_PARALLEL:-128}
 KEEPALIVE_HOLD=${KEEPALIVE_HOLD:-60}
+STATUS_PAGE=${STATUS_PAGE:-0}
 OUT=${OUT:-target/bench-compare-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"; OUT=$(realpath "$OUT")
 
@@ -350,8 +354,22 @@ scenario() {
       done
       window=$(( KEEPALIVE_HOLD / 2 )); t0=0; t1=0; rss=0
       if [[ "${active:-0}" -ge "$IDLE_CONNS" ]]; then
+        local spid=
+        if [[ $STATUS_PAGE != 0 && $current == wskeep ]]; then
+          # Bounded: one request per STATUS_PAGE seconds for the window, then stopped below.
+          (for _ in $(seq $(( window / STATUS_PAGE + 1 ))); do
+             taskset -c 0 curl -fs -o /dev/null -w '%{size_download} %{time_total}\n' \
+               "http://127.0.0.1:$admin_port/status.json" >>"$OUT/$tag.status" || true
+             sleep "$STATUS_PAGE"
+           done) & spid=$!; pids+=("$spid")
+        fi
         t0=$(ticks); sleep "$window"; t1=$(ticks)
         rss=$(rss_kb)
+        if [[ -n $spid ]]; then
+          stop "$spid"
+          result s5.status_bytes "$(sort -n "$OUT/$tag.status" | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]+0}')"
+          result s5.status_ms "$(awk '{print $2*1000}' "$OUT/$tag.status" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]+0}')"
+        fi
       else
         echo "scenario 5: only ${active:-0} of $IDLE_CONNS connections came up; no CPU figure" >&2
       fi

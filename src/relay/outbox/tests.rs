@@ -1,5 +1,7 @@
 use super::*;
 use crate::frame::{FrameReader, Kind, Step, OP_BINARY, OP_PING, OP_TEXT};
+// A transport that takes only as many bytes as it has budget for.
+use crate::relay::harness::Wire as Trickle;
 use std::future::poll_fn;
 
 /// Starts a data frame in `out` as the relay does while it is still arriving: header and part
@@ -176,42 +178,9 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     ]
 }
 
-/// A transport that takes only as many bytes as it has budget for, into `wire`.
-#[derive(Clone, Default)]
-struct Trickle(std::sync::Arc<std::sync::Mutex<(usize, Vec<u8>)>>);
-
-impl tokio::io::AsyncRead for Trickle {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut Context<'_>,
-        _: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Poll::Pending
-    }
-}
-
-impl tokio::io::AsyncWrite for Trickle {
-    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let mut state = self.0.lock().unwrap();
-        let n = state.0.min(data.len());
-        if n == 0 {
-            return Poll::Pending;
-        }
-        state.0 -= n;
-        state.1.extend_from_slice(&data[..n]);
-        Poll::Ready(Ok(n))
-    }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// Lets `out` write at most `budget` bytes through `trickle`.
 fn write_some(out: &mut Outbox, io: &mut LegStream, trickle: &Trickle, budget: usize) {
-    trickle.0.lock().unwrap().0 = budget;
+    trickle.state().0 = budget;
     let _ = out.poll_write(io, &mut Context::from_waker(std::task::Waker::noop()));
 }
 
@@ -261,7 +230,7 @@ proptest::proptest! {
                 Op::Pong => { out.push_frame(frame::OP_PONG, b"o"); }
                 Op::JsonPong => { out.push_frame(OP_TEXT, b"{}"); }
                 Op::TimerPing(n) => {
-                    trickle.0.lock().unwrap().0 = n as usize;
+                    trickle.state().0 = n as usize;
                     out.send_control(&mut io, &mut Context::from_waker(std::task::Waker::noop()), OP_PING, b"t");
                 }
                 Op::Write(n) => write_some(&mut out, &mut io, &trickle, n as usize),
@@ -269,7 +238,7 @@ proptest::proptest! {
             proptest::prop_assert!(out.written <= out.committed && out.committed <= out.buf.len());
         }
         write_some(&mut out, &mut io, &trickle, usize::MAX);
-        let wire = std::mem::take(&mut trickle.0.lock().unwrap().1);
+        let wire = std::mem::take(&mut trickle.state().1);
         let mut reader = FrameReader::new(false, 1 << 20);
         let mut bytes = &wire[..];
         let mut forwarded = Vec::new();
