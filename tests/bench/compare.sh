@@ -195,11 +195,16 @@ CONF
         # The upstream leg over TLS: a second wskeep terminates TLS in front of the echo upstream,
         # on the load's CPU, so the measured wskeep's figures are those of a wss:// upstream.
         local tls_echo_port tls_admin_port; tls_echo_port=$(free_port); tls_admin_port=$(free_port)
+        # Not a CA (openssl's default), or rustls refuses it as the upstream's own certificate.
+        [[ -f $dir/upstream-cert.pem ]] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+          -nodes -days 2 -subj /CN=localhost -addext basicConstraints=critical,CA:FALSE \
+          -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
+          -keyout "$dir/upstream-key.pem" -out "$dir/upstream-cert.pem" 2>/dev/null
         cat >"$run/tls-echo.toml" <<TOML
 [listen]
 addr = "127.0.0.1:$tls_echo_port"
-tls_cert = "$dir/cert.pem"
-tls_key = "$dir/key.pem"
+tls_cert = "$dir/upstream-cert.pem"
+tls_key = "$dir/upstream-key.pem"
 max_connections = $(( IDLE_CONNS + 200 ))
 [admin]
 addr = "127.0.0.1:$tls_admin_port"
@@ -214,7 +219,7 @@ TOML
         taskset -c 0 "$bin" run --config "$run/tls-echo.toml" >>"$OUT/wskeep-tls-echo.log" 2>&1 &
         tls_echo_pid=$!; pids+=("$tls_echo_pid")
         for _ in $(seq 100); do curl -fs "http://127.0.0.1:$tls_admin_port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-        upstream_url="wss://127.0.0.1:$tls_echo_port"; upstream_tls="ca_file = \"$dir/cert.pem\""
+        upstream_url="wss://127.0.0.1:$tls_echo_port"; upstream_tls="ca_file = \"$dir/upstream-cert.pem\""
       fi
       # `bench idle` answers pings only once every connection is open (9,500 TLS handshakes can
       # take longer than 5 s), so the client timeout is 30 s; the upstream answers at once.
