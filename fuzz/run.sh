@@ -14,8 +14,8 @@ set -euo pipefail
 seconds=${1:-40}
 cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
-targets=(json_ping config headers frames relay)
-declare -A max_len=([json_ping]=20000 [config]=4096 [headers]=4096 [frames]=16384 [relay]=8192)
+targets=(json_ping config headers frames relay proxy_protocol)
+declare -A max_len=([json_ping]=20000 [config]=4096 [headers]=4096 [frames]=16384 [relay]=8192 [proxy_protocol]=2100)
 limits=(-max_total_time="$seconds")
 [ -n "${SEED:-}" ] && limits+=(-seed="$SEED")
 [ -n "${RUNS:-}" ] && limits+=(-runs="$RUNS")

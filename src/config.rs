@@ -16,6 +16,8 @@ use figment::value::Dict;
 use figment::Figment;
 use serde_json::{Map, Value as Json};
 
+use crate::cidr::Cidr;
+pub use crate::proxy_protocol::Mode as ProxyProtocol;
 use crate::size::ByteSize;
 
 #[macro_use]
@@ -44,6 +46,10 @@ settings! {
         /// Connections still in their handshake (first byte, TLS, first request head); unset,
         /// derived like `max_connections`.
         max_handshakes: u64 = MAX_HANDSHAKES_CAP,
+        /// PROXY protocol header expected before TLS or HTTP: "off", "v1", "v2" or "any".
+        proxy_protocol: ProxyProtocol = ProxyProtocol::Off,
+        /// Peers whose PROXY header, X-Forwarded-For and Forwarded are believed.
+        trusted_proxies: Vec<Cidr> = Vec::new(),
         /// Serves the stability test page on this port at this path ("/wskeep/probe"); "": off.
         probe_path: String = String::new(),
     }
@@ -57,10 +63,25 @@ settings! {
         url: String = "ws://127.0.0.1:8080".into(),
         connect_timeout: Duration = Duration::from_secs(5),
         response_timeout: Duration = Duration::from_secs(30),
+        /// The `Host` sent upstream; empty: the URL's `host:port` (`localhost` for a Unix socket).
+        host_header: String = String::new(),
+        /// PEM CA certificates a `wss://` upstream is verified against; unset: the system's.
+        ca_file: Option<PathBuf> = None,
+        /// The name verified in (and sent as SNI to) a `wss://` upstream; empty: the URL's host.
+        server_name: String = String::new(),
+        /// A client certificate (PEM chain) and key for a `wss://` upstream that asks for one.
+        client_cert: Option<PathBuf> = None,
+        client_key: Option<PathBuf> = None,
     }
     derived {
         /// `host:port` of `url`, filled by `validate`.
         authority: String = "127.0.0.1:8080".into(),
+        /// The socket of a `unix:` URL, filled by `validate`.
+        unix_path: Option<PathBuf> = None,
+        /// The `Host` header for the upstream, filled by `validate`.
+        host: String = "127.0.0.1:8080".into(),
+        /// For a `wss://` upstream: the shared client configuration and the name to verify.
+        tls: Option<std::sync::Arc<crate::proxy::upstream_tls::UpstreamTls>> = None,
     }
 
     [client_keepalive] ClientKeepalive {
@@ -210,6 +231,16 @@ impl Config {
             (None, Some(_)) => bad("listen.tls_cert", "must be set together with listen.tls_key".into()),
             (None, None) => {}
         }
+        if self.listen.proxy_protocol != ProxyProtocol::Off && self.listen.trusted_proxies.is_empty() {
+            bad(
+                "listen.trusted_proxies",
+                format!(
+                    "must list the balancers' addresses while listen.proxy_protocol is \"{}\" \
+                     (a header is believed only from them)",
+                    self.listen.proxy_protocol.as_str()
+                ),
+            );
+        }
         let probe = &self.listen.probe_path;
         let plain = |c: char| c.is_ascii_alphanumeric() || "/-_.~".contains(c);
         if !probe.is_empty() && (!probe.starts_with('/') || probe.ends_with('/') || !probe.chars().all(plain)) {
@@ -225,9 +256,54 @@ impl Config {
         if self.listen.first_byte_timeout.is_zero() {
             bad("listen.first_byte_timeout", "must be above 0s: without it a silent socket is held forever".into());
         }
-        match parse_upstream_url(&self.upstream.url) {
-            Ok(authority) => self.upstream.authority = authority,
-            Err(e) => bad("upstream.url", e),
+        if let Some(path) = self.upstream.url.strip_prefix("unix:") {
+            // `unix:/path` or, as Docker writes it, `unix:///path`.
+            let path = path.strip_prefix("//").filter(|p| p.starts_with('/')).unwrap_or(path);
+            if Path::new(path).is_absolute() {
+                self.upstream.unix_path = Some(PathBuf::from(path));
+                self.upstream.authority = "localhost".into();
+            } else {
+                bad(
+                    "upstream.url",
+                    format!("{:?}: a Unix socket is written \"unix:/absolute/path\"", self.upstream.url),
+                );
+            }
+        } else {
+            match parse_upstream_url(&self.upstream.url) {
+                Ok(parsed) => {
+                    self.upstream.authority = parsed.authority;
+                    if parsed.tls {
+                        match crate::proxy::upstream_tls::UpstreamTls::load(&self.upstream, &parsed.host) {
+                            Ok(tls) => self.upstream.tls = Some(std::sync::Arc::new(tls)),
+                            Err(problems) => problems.into_iter().for_each(|(key, message)| bad(key, message)),
+                        }
+                    }
+                }
+                Err(e) => bad("upstream.url", e),
+            }
+        }
+        if self.upstream.tls.is_none() {
+            let u = &self.upstream;
+            let tls_keys = [
+                ("upstream.ca_file", u.ca_file.is_some()),
+                ("upstream.server_name", !u.server_name.is_empty()),
+                ("upstream.client_cert", u.client_cert.is_some()),
+                ("upstream.client_key", u.client_key.is_some()),
+            ];
+            let scheme_is_tls = ["wss://", "https://"].iter().any(|s| u.url.to_ascii_lowercase().starts_with(s));
+            for (key, set) in tls_keys {
+                if set && !scheme_is_tls {
+                    bad(key, "is only used with a wss:// or https:// upstream.url".into());
+                }
+            }
+        }
+        let host = self.upstream.host_header.trim();
+        if host.is_empty() {
+            self.upstream.host = self.upstream.authority.clone();
+        } else if host.contains('@') || http::uri::Authority::try_from(host).is_err() {
+            bad("upstream.host_header", format!("{host:?} is not a host[:port]"));
+        } else {
+            self.upstream.host = host.to_string();
         }
         if self.upstream.connect_timeout.is_zero() {
             bad("upstream.connect_timeout", "must be above 0s".into());
@@ -317,26 +393,38 @@ pub fn variable_warnings() -> Vec<String> {
     env::misspelled_variables(std::env::vars_os())
 }
 
-/// Accepts `ws://host:port` or `http://host:port` (the port defaults to 80) with no path.
-fn parse_upstream_url(url: &str) -> Result<String, String> {
+/// `upstream.url` taken apart.
+struct UpstreamUrl {
+    /// `host:port` to connect to.
+    authority: String,
+    /// The host alone (brackets kept for IPv6), the name a TLS upstream is verified against.
+    host: String,
+    tls: bool,
+}
+
+/// Accepts `ws://host:port`, `http://`, and over TLS `wss://` or `https://` (the port defaults to
+/// 80 or 443), with no path.
+fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
     let Some((scheme, _)) = url.split_once("://") else {
         return Err(format!("{url:?} has no scheme: write it like \"ws://127.0.0.1:8080\""));
     };
-    match scheme.to_ascii_lowercase().as_str() {
-        "ws" | "http" => {}
-        "wss" | "https" => {
-            return Err(format!("{url:?}: TLS to the upstream is not supported; wskeep runs beside it (use ws://)"))
-        }
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => false,
+        "wss" | "https" => true,
         _ => {
-            return Err(format!("{url:?}: unsupported scheme {scheme:?}; the upstream is ws://host:port (or http://)"))
+            return Err(format!(
+                "{url:?}: unsupported scheme {scheme:?}; the upstream is ws://host:port (or wss://, http://, https://, \
+                 or unix:/path)"
+            ))
         }
-    }
+    };
     let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("{url:?} has no host"))?;
     if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
         return Err(format!("{url:?} must not have a path or query: the client's own path is forwarded"));
     }
-    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Ok(UpstreamUrl { authority: format!("{host}:{port}"), host: host.to_string(), tls })
 }
 
 /// The secret in `admin.drain_token_file`: the file's content without surrounding whitespace,

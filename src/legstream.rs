@@ -21,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 
+use crate::proxy::upstream::UpstreamIo;
+
 /// The listener's connection type (see `server.rs`).
 pub type ClientIo = Either<TlsStream<TcpStream>, TcpStream>;
 
@@ -51,7 +53,11 @@ impl LegStream {
                     Either::Left(tls) => (Io::Tls(Box::new(tls)), parts.read_buf),
                     Either::Right(tcp) => (Io::Plain(tcp), parts.read_buf),
                 },
-                Err(upgraded) => (Io::Other(Box::new(TokioIo::new(upgraded))), Bytes::new()),
+                // An upstream over TLS or a Unix socket: its own stream, without hyper's layer.
+                Err(upgraded) => match upgraded.downcast::<TokioIo<UpstreamIo>>() {
+                    Ok(parts) => (Io::Other(Box::new(parts.io.into_inner())), parts.read_buf),
+                    Err(upgraded) => (Io::Other(Box::new(TokioIo::new(upgraded))), Bytes::new()),
+                },
             },
         };
         LegStream { io, leftover: (!leftover.is_empty()).then_some(leftover) }

@@ -4,6 +4,7 @@
 //! - `config`: the TOML + environment configuration and its validation (`wskeep check`)
 //! - `server`: listener, TLS termination, HTTP/1.1 serving; `Server::run`
 //! - `admission`: the handshake places, with eviction of the oldest, and the reserved descriptor
+//! - `proxy_protocol`, `cidr`: the PROXY protocol header before TLS, and `listen.trusted_proxies`
 //! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
 //!   `headers` (forwarding rules and upgrade validation)
 //! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod cidr;
 pub mod config;
 pub mod connections;
 pub mod endings;
@@ -27,6 +29,7 @@ pub mod keepalive;
 pub mod legstream;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;
 pub mod server;

@@ -10,6 +10,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::proxy_protocol::Failure as ProxyFailure;
 use crate::vocab::{End, Side, UpgradeFailure};
 
 mod process;
@@ -73,6 +74,7 @@ pub struct Metrics {
     pub tls_cert_reloads: IntCounter,
     pub tls_cert_not_after: IntGauge,
     config_reloads: IntCounterVec,
+    proxy_protocol_failures: IntCounterVec,
 }
 
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -187,6 +189,12 @@ impl Metrics {
                 "Configuration reloads (SIGHUP) by result: success, or invalid (the running configuration kept)",
                 &["result"],
             ),
+            proxy_protocol_failures: counter_vec(
+                &r,
+                "wskeep_proxy_protocol_failures_total",
+                "Connections closed before TLS or HTTP for want of a good PROXY protocol header, by reason",
+                &["reason"],
+            ),
             registry: r,
         };
         // Every closed label set starts at zero, so rates and alerts see a series from the start.
@@ -196,6 +204,9 @@ impl Metrics {
         for end in End::ALL {
             m.connection_duration.with_label_values(&[end.as_str()]);
         }
+        for reason in ProxyFailure::ALL {
+            m.proxy_protocol_failures.with_label_values(&[reason.as_str()]);
+        }
         for result in [ReloadResult::Success, ReloadResult::Invalid] {
             m.config_reloads.with_label_values(&[result.as_str()]);
         }
@@ -204,6 +215,10 @@ impl Metrics {
 
     pub fn config_reloaded(&self, result: ReloadResult) {
         self.config_reloads.with_label_values(&[result.as_str()]).inc();
+    }
+
+    pub fn proxy_protocol_failed(&self, reason: ProxyFailure) {
+        self.proxy_protocol_failures.with_label_values(&[reason.as_str()]).inc();
     }
 
     pub fn upgrade_failed(&self, reason: UpgradeFailure) {
@@ -264,6 +279,7 @@ mod tests {
         assert!(text.contains("wskeep_upgrade_failures_total{reason=\"limit\"} 0"));
         assert!(text.contains("wskeep_build_info{commit="));
         assert!(text.contains("wskeep_config_reloads_total{result=\"invalid\"} 0"));
+        assert!(text.contains("wskeep_proxy_protocol_failures_total{reason=\"untrusted\"} 0"));
         assert!(text.contains("process_resident_memory_bytes"));
     }
 }

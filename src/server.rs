@@ -235,23 +235,24 @@ enum Admission {
 /// (the first byte within `first_byte_timeout`), while the connection holds its handshake `place`;
 /// a newer connection may take that place, which ends this one.
 async fn serve_connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
+    mut tcp: TcpStream,
+    tcp_peer: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<TlsAcceptor>,
     place: HandshakePlace,
     admission: Admission,
 ) {
     // The timeouts in service when the connection came; its requests each read the settings anew.
-    let (handshake_timeout, first_byte_timeout, idle_timeout) = {
-        let settings = shared.settings();
-        let listen = &settings.config.listen;
-        (listen.handshake_timeout, listen.first_byte_timeout, listen.idle_timeout)
-    };
+    let settings = shared.settings();
+    let listen = &settings.config.listen;
+    let (handshake_timeout, first_byte_timeout, idle_timeout) =
+        (listen.handshake_timeout, listen.first_byte_timeout, listen.idle_timeout);
+    // The PROXY header, TLS and the first request head must all arrive within the handshake
+    // timeout, the first byte within the first-byte timeout.
     let deadline = Instant::now() + handshake_timeout;
     let first_byte_deadline = deadline.min(Instant::now() + first_byte_timeout);
     let tls = acceptor.is_some();
-    let handshake_failed = |reason: &str| {
+    let handshake_failed = |peer: SocketAddr, reason: &str| {
         if tls {
             shared.metrics.tls_handshake_failures.inc();
             crate::telemetry::tls_handshake_failure(peer, reason);
@@ -270,14 +271,25 @@ async fn serve_connection(
     match first_byte {
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return, // closed, or failed, before a byte came
-        Err(_) => return handshake_failed(&within("first_byte_timeout", first_byte_timeout)),
+        Err(_) => return handshake_failed(tcp_peer, &within("first_byte_timeout", first_byte_timeout)),
     }
+    let real_peer =
+        crate::proxy_protocol::real_peer(&mut tcp, tcp_peer, listen.proxy_protocol, &listen.trusted_proxies, deadline);
+    let peer = match real_peer.await {
+        Ok(peer) => peer,
+        Err(failure) => {
+            shared.metrics.proxy_protocol_failed(failure);
+            crate::telemetry::proxy_protocol_failure(tcp_peer, failure);
+            return;
+        }
+    };
+    drop(settings);
     let io = match acceptor {
         Some(acceptor) => tokio::select! {
             accepted = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match accepted {
                 Ok(Ok(tls)) => Either::Left(tls),
-                Ok(Err(e)) => return handshake_failed(&e.to_string()),
-                Err(_) => return handshake_failed(&within("handshake_timeout", handshake_timeout)),
+                Ok(Err(e)) => return handshake_failed(peer, &e.to_string()),
+                Err(_) => return handshake_failed(peer, &within("handshake_timeout", handshake_timeout)),
             },
             _ = place.dropped() => return,
         },

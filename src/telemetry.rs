@@ -149,6 +149,14 @@ pub fn tls_handshake_failure(peer: SocketAddr, reason: &str) {
     }
 }
 
+/// Logs a connection closed for its PROXY protocol header, at most once per window.
+pub fn proxy_protocol_failure(tcp_peer: SocketAddr, reason: crate::proxy_protocol::Failure) {
+    static THROTTLE: Throttle = Throttle::new();
+    if let Some(suppressed) = THROTTLE.admit() {
+        tracing::warn!(%tcp_peer, reason = reason.as_str(), suppressed, "PROXY protocol header refused; connection closed");
+    }
+}
+
 /// Logs a plain-HTTP request answered 502 or 504 because of the upstream, at most once per
 /// status per window (`reason` as in `upgrade_failures_total`, the path without its query).
 pub fn http_failure(status: u16, reason: UpgradeFailure, peer: SocketAddr, path: &str, detail: &str) {

@@ -169,10 +169,10 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
-type Fingerprint = (u64, u64, i64, i64, u64);
+pub type Fingerprint = (u64, u64, i64, i64, u64);
 
 /// What identifies the file behind a path (symlinks followed): a swap or rewrite changes it.
-fn fingerprint(path: &Path) -> Option<Fingerprint> {
+pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     let m = fs::metadata(path).ok()?;
     Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
 }

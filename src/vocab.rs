@@ -84,6 +84,8 @@ pub enum UpgradeFailure {
     UpstreamTimeout,
     /// The upstream's 101 broke RFC 6455 §4.1 (502).
     UpstreamBadHandshake,
+    /// The TLS handshake with a `wss://` upstream failed: its certificate did not verify (502).
+    UpstreamTls,
     /// The client's request was malformed (400, 426, 431).
     BadRequest,
     /// `listen.max_connections` was reached (503).
@@ -97,11 +99,12 @@ pub enum UpgradeFailure {
 }
 
 impl UpgradeFailure {
-    pub const ALL: [UpgradeFailure; 9] = [
+    pub const ALL: [UpgradeFailure; 10] = [
         UpgradeFailure::UpstreamRefused,
         UpgradeFailure::UpstreamUnreachable,
         UpgradeFailure::UpstreamTimeout,
         UpgradeFailure::UpstreamBadHandshake,
+        UpgradeFailure::UpstreamTls,
         UpgradeFailure::BadRequest,
         UpgradeFailure::Limit,
         UpgradeFailure::HandshakeLimit,
@@ -115,6 +118,7 @@ impl UpgradeFailure {
             UpgradeFailure::UpstreamUnreachable => "upstream_unreachable",
             UpgradeFailure::UpstreamTimeout => "upstream_timeout",
             UpgradeFailure::UpstreamBadHandshake => "upstream_bad_handshake",
+            UpgradeFailure::UpstreamTls => "upstream_tls",
             UpgradeFailure::BadRequest => "bad_request",
             UpgradeFailure::Limit => "limit",
             UpgradeFailure::HandshakeLimit => "handshake_limit",

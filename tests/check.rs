@@ -122,10 +122,25 @@ fn a_valid_tls_pair_passes() {
 fn bad_upstream_urls_are_named() {
     let url = |u: &str| check_text(&format!("[upstream]\nurl = {u:?}\n"), &[]);
     assert_problem(&url("ws://bad host:1"), "upstream.url", "not a URL");
-    assert_problem(&url("wss://127.0.0.1:9000"), "upstream.url", "TLS");
+    assert_problem(&url("gopher://127.0.0.1:9000"), "upstream.url", "unsupported scheme");
     assert_problem(&url("ws://127.0.0.1:9000/chat"), "upstream.url", "path");
     assert_problem(&url("ws://127.0.0.1:9000/?a=1"), "upstream.url", "query");
     assert_problem(&url("ftp://127.0.0.1:9000"), "upstream.url", "ws://");
+}
+
+#[test]
+fn upstream_tls_keys_are_checked() {
+    let run = check_text("[upstream]\nurl = \"wss://127.0.0.1:9000\"\nca_file = \"/nonexistent/ca.crt\"\n", &[]);
+    assert_problem(&run, "upstream.ca_file", "cannot read /nonexistent/ca.crt");
+    let run = check_text("[upstream]\nurl = \"wss://127.0.0.1:9000\"\nclient_cert = \"/x.crt\"\n", &[]);
+    assert_problem(&run, "upstream.client_key", "must be set together with upstream.client_cert");
+    let run = check_text("[upstream]\nurl = \"ws://127.0.0.1:9000\"\nserver_name = \"app\"\n", &[]);
+    assert_problem(&run, "upstream.server_name", "only used with a wss:// or https://");
+    let cert = common::test_cert();
+    let text =
+        format!("[upstream]\nurl = \"https://localhost:9000\"\nca_file = {:?}\n", cert.cert.display().to_string());
+    let run = check_text(&text, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
 }
 
 #[test]
@@ -230,7 +245,7 @@ fn bad_durations_sizes_and_levels_are_named() {
 #[test]
 fn every_problem_in_a_file_is_listed() {
     let text = "[listen]\nmax_connections = 0\nbogus = true\n\
-                [upstream]\nurl = \"wss://orchestrator:443\"\nconnect_timeout = \"soon\"\n\
+                [upstream]\nurl = \"gopher://orchestrator:443\"\nconnect_timeout = \"soon\"\n\
                 [limits]\nmax_message_size = \"lots\"\n\
                 [log]\nlevel = \"info=verbose\"\n\
                 [extra]\nx = 1\n";
@@ -287,8 +302,8 @@ fn environment_variables_override_the_file() {
     assert!(run.stdout.contains("url = \"ws://127.0.0.1:9100\""), "{}", run.stdout);
     assert!(run.stdout.contains("max_message_size = \"4MiB\""), "{}", run.stdout);
     // A bad value from the environment is named like one from the file.
-    let run = check_text(VALID, &[("WSKEEP_UPSTREAM__URL", "wss://127.0.0.1:9100")]);
-    assert_problem(&run, "upstream.url", "TLS");
+    let run = check_text(VALID, &[("WSKEEP_UPSTREAM__URL", "gopher://127.0.0.1:9100")]);
+    assert_problem(&run, "upstream.url", "unsupported scheme");
 }
 
 #[test]
@@ -324,8 +339,8 @@ fn a_variable_with_one_underscore_is_warned_about() {
     assert!(run.stderr.contains(warning), "{}", run.stderr);
     assert!(!run.stderr.contains("WSKEEP_PORT"), "Kubernetes' variables are not warned about: {}", run.stderr);
     // Also when the configuration is refused: the misspelt variable may be why.
-    let run = check_text("[upstream]\nurl = \"wss://x:1\"\n", &env);
-    assert_problem(&run, "upstream.url", "TLS");
+    let run = check_text("[upstream]\nurl = \"gopher://x:1\"\n", &env);
+    assert_problem(&run, "upstream.url", "unsupported scheme");
     assert!(run.stderr.contains(warning), "{}", run.stderr);
 }
 
@@ -344,12 +359,12 @@ fn a_toml_syntax_error_names_the_file_line_and_column() {
 #[test]
 fn messages_show_the_value_and_suggest_the_nearest_name() {
     let text = "[listen]\naddr = \"localhost:8443\"\nmax_conections = 5\n\
-                [upstream]\nurl = \"unix:///run/orchestrator.sock\"\n\
+                [upstream]\nurl = \"gopher://orchestrator:70\"\n\
                 [log]\nformat = \"xml\"\n[shutdwn]\ndrain_timeout = \"5s\"\n";
     let run = check_text(text, &[]);
     assert_problem(&run, "listen.addr", "\"localhost:8443\" is not a socket address");
     assert_problem(&run, "listen.max_conections", "did you mean listen.max_connections?");
-    assert_problem(&run, "upstream.url", "unsupported scheme \"unix\"");
+    assert_problem(&run, "upstream.url", "unsupported scheme \"gopher\"");
     assert_problem(&run, "log.format", "\"xml\" is not a log format: use \"json\" or \"text\"");
     assert_problem(&run, "shutdwn", "did you mean [shutdown]?");
     assert!(!run.stderr.contains("``"), "{}", run.stderr);
@@ -381,8 +396,12 @@ fn wskeep_config_names_the_file_when_config_is_absent() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stdout.contains("url = \"ws://127.0.0.1:9300\""), "{}", run.stdout);
     // And a bad file named by WSKEEP_CONFIG fails like one named by --config.
-    let bad = write(dir.path(), "bad.toml", "[upstream]\nurl = \"wss://x:1\"\n");
-    assert_problem(&wskeep_check(&[], &[("WSKEEP_CONFIG", bad.to_str().unwrap())]), "upstream.url", "TLS");
+    let bad = write(dir.path(), "bad.toml", "[upstream]\nurl = \"gopher://x:1\"\n");
+    assert_problem(
+        &wskeep_check(&[], &[("WSKEEP_CONFIG", bad.to_str().unwrap())]),
+        "upstream.url",
+        "unsupported scheme",
+    );
 }
 
 #[test]

@@ -43,7 +43,7 @@ impl Wskeep {
             let text = tls_config(port, admin_port, upstream, &cert.cert, &cert.key, drain_timeout);
             text.replacen("[admin]", &format!("{listen}[admin]"), 1)
         };
-        Wskeep::start_limited(config, nofile).await
+        Wskeep::start_limited(std::net::Ipv4Addr::LOCALHOST.into(), config, nofile).await
     }
 }
 

@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
     let version = [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2, Version::HTTP_09][(flags >> 2 & 3) as usize];
     let tls = flags & 16 != 0;
     let websocket = flags & 32 != 0;
+    let peer_trusted = flags & 128 != 0;
     let peer = if flags & 64 != 0 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)) };
 
     let _ = wants_websocket(&src);
@@ -90,7 +91,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let out = forward_request(&src, peer, tls, "127.0.0.1:8080", websocket);
+    let out = forward_request(&src, peer, peer_trusted, tls, "127.0.0.1:8080", websocket);
     let listed = listed(&src);
     for name in out.keys() {
         let name = name.as_str();
@@ -118,6 +119,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let last = forwarded.rsplit(", for=").next().map(|e| format!("for={}", e.trim_start_matches("for="))).unwrap();
     assert!(last.starts_with(&ours), "{forwarded}");
+    if !peer_trusted {
+        // An untrusted peer cannot put another address before its own.
+        assert_eq!(xff, peer.to_string());
+    }
 
     let mut response = src.clone();
     strip_response(&mut response, websocket);

@@ -13,7 +13,8 @@ use std::time::Duration;
 use figment::value::Value;
 use serde_json::{Map, Value as Json};
 
-use super::LogFormat;
+use super::{LogFormat, ProxyProtocol};
+use crate::cidr::Cidr;
 use crate::size::ByteSize;
 
 /// A type a configuration key can have.
@@ -309,5 +310,36 @@ impl Setting for Vec<String> {
     }
     fn write(&self) -> Option<toml::Value> {
         Some(toml::Value::Array(self.iter().map(|s| s.clone().into()).collect()))
+    }
+}
+
+impl Setting for ProxyProtocol {
+    fn read(value: &Value) -> Result<Self, String> {
+        let name = text(value).map(str::trim);
+        ProxyProtocol::NAMES.iter().find(|(n, _)| Some(*n) == name).map(|(_, mode)| *mode).ok_or_else(|| {
+            format!("{} is not a PROXY protocol setting: use \"off\", \"v1\", \"v2\" or \"any\"", shown(value))
+        })
+    }
+    fn write(&self) -> Option<toml::Value> {
+        Some(self.as_str().into())
+    }
+}
+
+/// Address ranges, `["10.0.0.0/8", "::1"]`.
+impl Setting for Vec<Cidr> {
+    fn read(value: &Value) -> Result<Self, String> {
+        let Value::Array(_, items) = value else {
+            return Err(format!("{} is not a list of ranges: write it like [\"10.0.0.0/8\", \"::1\"]", shown(value)));
+        };
+        items
+            .iter()
+            .map(|v| match text(v) {
+                Some(s) => s.parse::<Cidr>(),
+                None => Err(format!("{} is not a range: write it in quotes, like \"10.0.0.0/8\"", shown(v))),
+            })
+            .collect()
+    }
+    fn write(&self) -> Option<toml::Value> {
+        Some(toml::Value::Array(self.iter().map(|c| c.to_string().into()).collect()))
     }
 }

@@ -34,7 +34,7 @@ fn every_problem_is_listed_with_its_key() {
         handshake_timeout = "soon"
         colour = "blue"
         [upstream]
-        url = "wss://example.com"
+        url = "ftp://example.com"
         [client_keepalive]
         ping_interval = "30s"
         timeout = "10s"
@@ -128,7 +128,9 @@ fn every_declared_key_is_read_and_printed() {
     let printed = Config::default().to_toml();
     let table: toml::Table = printed.parse().unwrap();
     for (section, declared) in KEYS {
-        for key in declared.iter().filter(|k| !k.starts_with("tls_") && **k != "drain_token_file") {
+        // Files are unset by default, and an unset option is left out.
+        let unset = ["drain_token_file", "ca_file", "client_cert", "client_key"];
+        for key in declared.iter().filter(|k| !k.starts_with("tls_") && !unset.contains(k)) {
             assert!(table[*section].get(*key).is_some(), "{section}.{key} missing from\n{printed}");
         }
     }
@@ -151,10 +153,9 @@ fn problems_show_the_offending_value() {
 #[test]
 fn unsupported_schemes_are_named() {
     for (url, words) in [
-        ("unix:///run/orchestrator.sock", "unsupported scheme \"unix\""),
+        ("gopher://127.0.0.1:70", "unsupported scheme \"gopher\""),
         ("ftp://127.0.0.1:21", "unsupported scheme \"ftp\""),
         ("127.0.0.1:8080", "has no scheme"),
-        ("wss://127.0.0.1:443", "TLS to the upstream is not supported"),
     ] {
         let m = messages(&format!("[upstream]\nurl = {url:?}"));
         assert_eq!(m.len(), 1, "{m:?}");
@@ -229,6 +230,40 @@ fn a_json_ping_table_json_cannot_carry_is_refused() {
     // nan would become JSON null, which `check` could not print back (it used to panic there).
     assert_eq!(problems("[json_ping]\nmatch = { type = \"ping\", x = nan }"), ["json_ping.match"]);
     assert_eq!(problems("[json_ping]\nreply = { t = [inf] }"), ["json_ping.reply"]);
+}
+
+#[test]
+fn proxy_protocol_needs_trusted_proxies_and_ranges_are_checked() {
+    let m = messages("[listen]\nproxy_protocol = \"v2\"");
+    assert!(m.iter().any(|l| l.starts_with("listen.trusted_proxies: must list")), "{m:?}");
+    let m = messages("[listen]\nproxy_protocol = \"on\"\ntrusted_proxies = [\"10.0.0.1/8\", 5]");
+    assert!(m.iter().any(|l| l.starts_with("listen.proxy_protocol: \"on\" is not a PROXY protocol setting")), "{m:?}");
+    assert!(m.iter().any(|l| l.contains("\"10.0.0.1/8\" has host bits set")), "{m:?}");
+    let config =
+        Config::from_toml("[listen]\nproxy_protocol = \"any\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]").unwrap();
+    assert_eq!(config.listen.proxy_protocol, ProxyProtocol::Any);
+    assert!(
+        config.to_toml().contains("trusted_proxies = [\n    \"10.0.0.0/8\",\n    \"::1/128\",\n]"),
+        "{}",
+        config.to_toml()
+    );
+}
+
+#[test]
+fn a_unix_socket_upstream_and_its_host() {
+    let config = Config::from_toml("[upstream]\nurl = \"unix:/run/orchestrator.sock\"").unwrap();
+    assert_eq!(config.upstream.unix_path.as_deref(), Some(Path::new("/run/orchestrator.sock")));
+    assert_eq!(config.upstream.host, "localhost");
+    let config = Config::from_toml("[upstream]\nurl = \"unix:///run/orchestrator.sock\"").unwrap();
+    assert_eq!(config.upstream.unix_path.as_deref(), Some(Path::new("/run/orchestrator.sock")));
+    let config = Config::from_toml("[upstream]\nurl = \"ws://[::1]:9000\"\nhost_header = \"app.internal\"").unwrap();
+    assert_eq!((config.upstream.authority.as_str(), config.upstream.host.as_str()), ("[::1]:9000", "app.internal"));
+    let m = messages("[upstream]\nurl = \"unix:run/orchestrator.sock\"\nhost_header = \"a b\"");
+    assert!(
+        m.iter().any(|l| l.starts_with("upstream.url: \"unix:run/orchestrator.sock\": a Unix socket is written")),
+        "{m:?}"
+    );
+    assert!(m.iter().any(|l| l.starts_with("upstream.host_header: \"a b\" is not a host[:port]")), "{m:?}");
 }
 
 #[test]

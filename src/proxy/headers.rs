@@ -173,9 +173,15 @@ const SET_BY_WSKEEP: &[&str] = &["x-forwarded-for", "forwarded", "x-real-ip"];
 
 /// Copies the end-to-end request headers and adds the `X-Forwarded-*`, `Forwarded` and
 /// `X-Real-IP` set.
+///
+/// `peer_trusted`: the peer is in `listen.trusted_proxies`, so the `X-Forwarded-For` and
+/// `Forwarded` it sent are kept and extended; anyone else's are replaced by what wskeep saw (one
+/// hop of trust, decided by the peer's own address, as nginx's `set_real_ip_from` without
+/// recursion).
 pub fn forward_request(
     src: &HeaderMap,
     peer: IpAddr,
+    peer_trusted: bool,
     tls: bool,
     upstream_authority: &str,
     websocket: bool,
@@ -192,7 +198,7 @@ pub fn forward_request(
         }
         out.append(name.clone(), value.clone());
     }
-    let prior: Vec<&str> = src.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let prior = told_by(src, "x-forwarded-for", peer_trusted);
     let xff = if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.insert("x-forwarded-for", v);
@@ -202,8 +208,7 @@ pub fn forward_request(
     if let Some(host) = src.get(header::HOST) {
         out.insert("x-forwarded-host", host.clone());
     }
-    let prior: Vec<&str> = src.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
-    let mut forwarded = prior.join(", ");
+    let mut forwarded = told_by(src, "forwarded", peer_trusted).join(", ");
     if !forwarded.is_empty() {
         forwarded.push_str(", ");
     }
@@ -250,6 +255,14 @@ fn push_token_or_quoted(out: &mut String, value: &str) {
         out.push(c);
     }
     out.push('"');
+}
+
+/// The values of `name` the peer sent, when it is trusted to tell; none otherwise.
+fn told_by<'a>(src: &'a HeaderMap, name: &str, peer_trusted: bool) -> Vec<&'a str> {
+    if !peer_trusted {
+        return Vec::new();
+    }
+    src.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect()
 }
 
 /// Drops hop-by-hop headers from a response (and the per-leg handshake headers of a 101).
@@ -329,7 +342,7 @@ mod tests {
             ("sec-websocket-extensions", "permessage-deflate"),
             ("sec-websocket-protocol", "v2, v1"),
         ]);
-        let out = forward_request(&src, "127.0.0.9".parse().unwrap(), true, "127.0.0.1:8080", true);
+        let out = forward_request(&src, "127.0.0.9".parse().unwrap(), true, true, "127.0.0.1:8080", true);
         assert_eq!(out["cookie"], "a=1");
         assert_eq!(out["authorization"], "Bearer t");
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
@@ -354,7 +367,7 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
             ("content-length", "0"),
         ]);
-        let out = forward_request(&src, "2001:db8::7".parse().unwrap(), false, "127.0.0.1:8080", true);
+        let out = forward_request(&src, "2001:db8::7".parse().unwrap(), true, false, "127.0.0.1:8080", true);
         assert_eq!(
             out["forwarded"],
             "for=192.0.2.60;proto=http, for=\"[2001:db8::1]\", for=\"[2001:db8::7]\";proto=http;host=\"app.example:8443\""
@@ -363,7 +376,7 @@ mod tests {
         assert_eq!(out.get_all("x-real-ip").iter().collect::<Vec<_>>(), ["2001:db8::7"]);
         assert!(!out.contains_key("content-length"), "an upgrade has no body to announce");
         // Without a Host (HTTP/1.0) there is no host parameter.
-        let out = forward_request(&HeaderMap::new(), "10.1.2.3".parse().unwrap(), true, "127.0.0.1:8080", false);
+        let out = forward_request(&HeaderMap::new(), "10.1.2.3".parse().unwrap(), false, true, "127.0.0.1:8080", false);
         assert_eq!(out["forwarded"], "for=10.1.2.3;proto=https");
     }
 
@@ -427,5 +440,17 @@ mod tests {
         }
         assert!(check_upgrade_response(&map(&[good[0], good[1], good[2], ("sec-websocket-protocol", "v1")]), KEY, &[])
             .is_err());
+    }
+
+    #[test]
+    fn an_untrusted_peer_cannot_speak_for_others() {
+        let src =
+            map(&[("host", "app.example"), ("x-forwarded-for", "6.6.6.6, 7.7.7.7"), ("forwarded", "for=6.6.6.6")]);
+        let out = forward_request(&src, "192.0.2.9".parse().unwrap(), false, false, "127.0.0.1:8080", false);
+        assert_eq!(out.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["192.0.2.9"]);
+        assert_eq!(out["forwarded"], "for=192.0.2.9;proto=http;host=app.example", "an untrusted peer's Forwarded is replaced");
+        let out = forward_request(&src, "10.0.0.2".parse().unwrap(), true, false, "127.0.0.1:8080", false);
+        assert_eq!(out["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 10.0.0.2");
+        assert_eq!(out["forwarded"], "for=6.6.6.6, for=10.0.0.2;proto=http;host=app.example");
     }
 }

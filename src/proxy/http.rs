@@ -6,21 +6,19 @@ use std::net::SocketAddr;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::upstream::Connector;
 use super::{headers, text, Body, Settings, Shared};
 use crate::config::Config;
 use crate::vocab::UpgradeFailure;
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<Connector, Incoming>;
 
 /// The pooled client for plain HTTP, built once.
 pub fn client(config: &Config) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.upstream.connect_timeout));
-    connector.set_nodelay(true);
+    let connector = Connector::new(&config.upstream);
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(std::time::Duration::from_secs(30))
@@ -38,7 +36,9 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, settings: &Setting
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
-    *out.headers_mut() = headers::forward_request(&parts.headers, peer.ip(), shared.tls, &upstream.authority, false);
+    let trusted = crate::cidr::any_contains(&settings.config.listen.trusted_proxies, peer.ip());
+    *out.headers_mut() =
+        headers::forward_request(&parts.headers, peer.ip(), trusted, shared.tls, &upstream.host, false);
 
     match tokio::time::timeout(upstream.response_timeout, settings.http.request(out)).await {
         Ok(Ok(mut response)) => {
@@ -71,6 +71,8 @@ pub async fn forward(req: Request<Incoming>, shared: &Shared, settings: &Setting
 fn failed(status: StatusCode, peer: SocketAddr, path: &str, detail: &str) -> Response<Body> {
     let (reason, body) = if status == StatusCode::GATEWAY_TIMEOUT {
         (UpgradeFailure::UpstreamTimeout, "upstream timed out\n")
+    } else if detail.contains("TLS handshake with the upstream failed") {
+        (UpgradeFailure::UpstreamTls, "upstream unavailable\n")
     } else {
         (UpgradeFailure::UpstreamUnreachable, "upstream unavailable\n")
     };

@@ -5,6 +5,8 @@
 pub mod headers;
 pub mod http;
 mod lone_leg;
+pub mod upstream;
+pub mod upstream_tls;
 pub mod ws;
 
 use std::convert::Infallible;
@@ -59,7 +61,8 @@ impl Settings {
         let mut http = None;
         if let Some(running) = running {
             relay.timer_slots = running.relay.timer_slots.clone();
-            if running.config.upstream.connect_timeout == config.upstream.connect_timeout {
+            let (was, now) = (&running.config.upstream, &config.upstream);
+            if was.connect_timeout == now.connect_timeout && upstream::Target::of(was) == upstream::Target::of(now) {
                 http = Some(running.http.clone());
             }
         }

@@ -16,11 +16,11 @@ use hyper::header::{self, HeaderValue};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::upstream::{self, ConnectError, UpstreamIo};
 use super::{headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
-use crate::admission::{self, is_out_of_resources};
+use crate::admission::is_out_of_resources;
 use crate::legstream::LegStream;
 use crate::relay::{self, Outcome, RelaySettings};
 use crate::vocab::{End, Side, UpgradeFailure};
@@ -33,6 +33,8 @@ enum UpstreamFailure {
     BadHandshake(&'static str),
     /// wskeep itself is out of descriptors or memory: not the upstream's fault.
     LocalLimit(String),
+    /// The upstream's certificate did not verify (or the TLS handshake failed otherwise).
+    Tls(String),
 }
 
 pub async fn upgrade(
@@ -99,25 +101,27 @@ async fn open_upstream(
     offered: &[String],
 ) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
     let upstream = &settings.config.upstream;
-    let tcp = match tokio::time::timeout(upstream.connect_timeout, connect(&upstream.authority)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) if is_out_of_resources(&e) => return Err(UpstreamFailure::LocalLimit(e.to_string())),
-        Ok(Err(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
-        Err(_) => return Err(UpstreamFailure::TimedOut("connect timed out")),
+    let io = match upstream::connect(&upstream::Target::of(upstream), upstream.connect_timeout).await {
+        Ok(io) => io,
+        Err(ConnectError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+            return Err(UpstreamFailure::TimedOut("connect timed out"))
+        }
+        Err(ConnectError::Io(e)) if is_out_of_resources(&e) => return Err(UpstreamFailure::LocalLimit(e.to_string())),
+        Err(ConnectError::Io(e)) => return Err(UpstreamFailure::Unreachable(e.to_string())),
+        Err(e @ ConnectError::Tls(_)) => return Err(UpstreamFailure::Tls(e.to_string())),
     };
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| UpstreamFailure::Unreachable(e.to_string()))?;
-    // The connection task ends at the upgrade, or after streaming a refusal's body.
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
+    // A TCP stream goes to hyper bare, so that `LegStream` finds the socket again after the upgrade.
+    let mut sender = match io {
+        UpstreamIo::Tcp(tcp) => http1_handshake(tcp).await?,
+        other => http1_handshake(other).await?,
+    };
 
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut upstream_req = Request::get(path).body(Body::default()).expect("a path from a parsed URI is valid");
-    let mut forwarded = headers::forward_request(req.headers(), meta.peer.ip(), shared.tls, &upstream.authority, true);
+    let trusted = crate::cidr::any_contains(&settings.config.listen.trusted_proxies, meta.peer.ip());
+    let mut forwarded =
+        headers::forward_request(req.headers(), meta.peer.ip(), trusted, shared.tls, &upstream.host, true);
     forwarded.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     forwarded.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     forwarded.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
@@ -137,16 +141,19 @@ async fn open_upstream(
     Ok((response, upgrade))
 }
 
-/// `TcpStream::connect`, with each socket made by `admission::upstream_socket`.
-async fn connect(authority: &str) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host(authority).await? {
-        match admission::upstream_socket(addr)?.connect(addr).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the upstream host has no address")))
+/// Starts HTTP/1.1 on a fresh upstream connection; the connection task ends at the upgrade, or
+/// after streaming a refusal's body.
+async fn http1_handshake<T>(io: T) -> Result<hyper::client::conn::http1::SendRequest<Body>, UpstreamFailure>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| UpstreamFailure::Unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 /// The client's answer when the upstream leg failed.
@@ -163,6 +170,7 @@ fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
         UpstreamFailure::BadHandshake(e) => {
             (UpgradeFailure::UpstreamBadHandshake, StatusCode::BAD_GATEWAY, e.to_string())
         }
+        UpstreamFailure::Tls(e) => (UpgradeFailure::UpstreamTls, StatusCode::BAD_GATEWAY, e),
         UpstreamFailure::TimedOut(e) => (UpgradeFailure::UpstreamTimeout, StatusCode::GATEWAY_TIMEOUT, e.to_string()),
         UpstreamFailure::LocalLimit(e) => (UpgradeFailure::LocalLimit, StatusCode::SERVICE_UNAVAILABLE, e),
     };

@@ -21,6 +21,8 @@
 #                          the same writes and reads on as many loopback sockets, nothing else
 #                          (nginx and HAProxy have no keepalive of their own: not run)
 #   PROXIES [direct nginx haproxy wskeep]
+#                       also wskeep-wss: wskeep with a wss:// upstream (a second wskeep terminating
+#                       TLS in front of the echo upstream, on CPU 0), for the cost of a TLS upstream leg
 #   IDLE_CONNS [9500]   a process may hold 20,000 descriptors here and a proxy needs two per
 #                       connection plus its listener, log and epoll descriptors: 10,000 does not fit
 #   IDLE_HOLD [20s]     hold of scenario 4
@@ -61,7 +63,7 @@ for tool in $tools; do
 done
 for p in $PROXIES; do
   case $p in
-    direct|wskeep) ;;
+    direct|wskeep|wskeep-wss) ;;
     nginx|haproxy) command -v "$p" >/dev/null || { echo "compare.sh: $p not found (apt-get install nginx haproxy)" >&2; exit 1; } ;;
     *) echo "compare.sh: unknown proxy $p" >&2; exit 1 ;;
   esac
@@ -105,7 +107,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
 cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
 
-echo_pid=; proxy_pid=; proxy_port=; admin_port=
+echo_pid=; proxy_pid=; proxy_port=; admin_port=; tls_echo_pid=
 start_echo() {
   echo_port=$(free_port)
   taskset -c 0 "$bin" bench echo --listen "127.0.0.1:$echo_port" >>"$OUT/echo.log" 2>&1 & echo_pid=$!; pids+=("$echo_pid")
@@ -186,9 +188,39 @@ CONF
       proxy_pid=$!; pids+=("$proxy_pid")
       wait_tcp "$proxy_port" || { echo "haproxy did not start:" >&2; tail -20 "$OUT/haproxy.log" >&2; exit 1; }
       ;;
-    wskeep)
+    wskeep|wskeep-wss)
       admin_port=$(free_port)
-      local ping=0s ctimeout=3600s utimeout=0s
+      local ping=0s ctimeout=3600s utimeout=0s upstream_url="ws://127.0.0.1:$echo_port" upstream_tls=
+      if [[ $name == wskeep-wss ]]; then
+        # The upstream leg over TLS: a second wskeep terminates TLS in front of the echo upstream,
+        # on the load's CPU, so the measured wskeep's figures are those of a wss:// upstream.
+        local tls_echo_port tls_admin_port; tls_echo_port=$(free_port); tls_admin_port=$(free_port)
+        # Not a CA (openssl's default), or rustls refuses it as the upstream's own certificate.
+        [[ -f $dir/upstream-cert.pem ]] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+          -nodes -days 2 -subj /CN=localhost -addext basicConstraints=critical,CA:FALSE \
+          -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
+          -keyout "$dir/upstream-key.pem" -out "$dir/upstream-cert.pem" 2>/dev/null
+        cat >"$run/tls-echo.toml" <<TOML
+[listen]
+addr = "127.0.0.1:$tls_echo_port"
+tls_cert = "$dir/upstream-cert.pem"
+tls_key = "$dir/upstream-key.pem"
+max_connections = $(( IDLE_CONNS + 200 ))
+[admin]
+addr = "127.0.0.1:$tls_admin_port"
+[upstream]
+url = "ws://127.0.0.1:$echo_port"
+[client_keepalive]
+ping_interval = "0s"
+timeout = "0s"
+[log]
+level = "warn"
+TOML
+        taskset -c 0 "$bin" run --config "$run/tls-echo.toml" >>"$OUT/wskeep-tls-echo.log" 2>&1 &
+        tls_echo_pid=$!; pids+=("$tls_echo_pid")
+        for _ in $(seq 100); do curl -fs "http://127.0.0.1:$tls_admin_port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+        upstream_url="wss://127.0.0.1:$tls_echo_port"; upstream_tls="ca_file = \"$dir/upstream-cert.pem\""
+      fi
       # `bench idle` answers pings only once every connection is open (9,500 TLS handshakes can
       # take longer than 5 s), so the client timeout is 30 s; the upstream answers at once.
       [[ -n $keepalive ]] && { ping=1s; ctimeout=30s; utimeout=5s; }
@@ -201,7 +233,8 @@ max_connections = $(( IDLE_CONNS + 200 ))
 [admin]
 addr = "127.0.0.1:$admin_port"
 [upstream]
-url = "ws://127.0.0.1:$echo_port"
+url = "$upstream_url"
+$upstream_tls
 [client_keepalive]
 ping_interval = "$ping"
 timeout = "$ctimeout"
@@ -224,8 +257,9 @@ TOML
 
 stop_all() {
   [[ -n $proxy_pid ]] && stop "$proxy_pid"
+  [[ -n $tls_echo_pid ]] && stop "$tls_echo_pid"
   [[ -n $echo_pid ]] && stop "$echo_pid"
-  proxy_pid=; echo_pid=
+  proxy_pid=; echo_pid=; tls_echo_pid=
 }
 
 # The proxy's processes: the one we started plus its children (nginx's worker).

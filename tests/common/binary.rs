@@ -1,7 +1,7 @@
 //! The real binary: `wskeep run --config FILE` as a child process, for what only a process shows
 //! (signals, exit codes, its log).
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -18,10 +18,10 @@ pub struct Wskeep {
     pub dir: tempfile::TempDir,
 }
 
-/// Two distinct free loopback ports (both held while picked, then released).
-fn free_ports() -> (u16, u16) {
-    let a = StdListener::bind("127.0.0.1:0").unwrap();
-    let b = StdListener::bind("127.0.0.1:0").unwrap();
+/// Two distinct free ports on `ip` (both held while picked, then released).
+fn free_ports(ip: IpAddr) -> (u16, u16) {
+    let a = StdListener::bind((ip, 0)).unwrap();
+    let b = StdListener::bind((ip, 0)).unwrap();
     (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
@@ -29,14 +29,19 @@ impl Wskeep {
     /// Starts the binary with the configuration `config(port, admin_port)` returns (it must
     /// listen on 127.0.0.1 at those ports) and waits until `/readyz` answers 200.
     pub async fn start_with(config: impl Fn(u16, u16) -> String) -> Wskeep {
-        Wskeep::start_limited(config, None).await
+        Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), config).await
     }
 
-    /// `start_with`, under a descriptor limit (soft and hard) if given.
-    pub async fn start_limited(config: impl Fn(u16, u16) -> String, nofile: Option<u64>) -> Wskeep {
+    /// As `start_with`, listening on `ip` (`::1` for IPv6) instead of 127.0.0.1.
+    pub async fn start_on(ip: IpAddr, config: impl Fn(u16, u16) -> String) -> Wskeep {
+        Self::start_limited(ip, config, None).await
+    }
+
+    /// As `start_on`, under a descriptor limit (soft and hard) if given.
+    pub async fn start_limited(ip: IpAddr, config: impl Fn(u16, u16) -> String, nofile: Option<u64>) -> Wskeep {
         for attempt in 0.. {
             let dir = tempfile::tempdir().unwrap();
-            let (port, admin_port) = free_ports();
+            let (port, admin_port) = free_ports(ip);
             let config_path = dir.path().join("wskeep.toml");
             std::fs::write(&config_path, config(port, admin_port)).unwrap();
             let log = dir.path().join("wskeep.log");
@@ -64,8 +69,8 @@ impl Wskeep {
             let child = command.spawn().expect("the wskeep binary starts");
             let mut wskeep = Wskeep {
                 child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+                addr: SocketAddr::new(ip, port),
+                admin: SocketAddr::new(ip, admin_port),
                 config: config_path,
                 log,
                 dir,
