@@ -448,7 +448,10 @@ mod tests {
             map(&[("host", "app.example"), ("x-forwarded-for", "6.6.6.6, 7.7.7.7"), ("forwarded", "for=6.6.6.6")]);
         let out = forward_request(&src, "192.0.2.9".parse().unwrap(), false, false, "127.0.0.1:8080", false);
         assert_eq!(out.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["192.0.2.9"]);
-        assert_eq!(out["forwarded"], "for=192.0.2.9;proto=http;host=app.example", "an untrusted peer's Forwarded is replaced");
+        assert_eq!(
+            out["forwarded"], "for=192.0.2.9;proto=http;host=app.example",
+            "an untrusted peer's Forwarded is replaced"
+        );
         let out = forward_request(&src, "10.0.0.2".parse().unwrap(), true, false, "127.0.0.1:8080", false);
         assert_eq!(out["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 10.0.0.2");
         assert_eq!(out["forwarded"], "for=6.6.6.6, for=10.0.0.2;proto=http;host=app.example");
