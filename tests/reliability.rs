@@ -1218,11 +1218,14 @@ async fn churn_20000_connections_leaks_no_descriptors_tasks_or_memory() {
     }
     let text = common::scrape(wskeep.admin).await;
     assert_eq!(common::metric(&text, "wskeep_connections_total"), (ROUNDS * PER_ROUND + 1) as f64);
-    // Memory is compared once allocator arenas and buffers have reached their working size.
-    let (settled, last) = (rss[2], rss[ROUNDS - 1]);
+    // Memory is compared once allocator arenas and buffers have reached their working size. A
+    // leak grows round after round, so the last rounds' smallest figure is compared: one round's
+    // allocator spike (seen: +2 MiB, gone the round after) is not a leak.
+    let settled = rss[2];
+    let last = *rss[ROUNDS - 3..].iter().min().expect("at least three rounds");
     assert!(
         last as f64 <= settled as f64 * 1.10 + 2048.0,
-        "VmRSS grew from {settled} KiB after round 3 to {last} KiB after round {ROUNDS}: {rss:?}"
+        "VmRSS grew from {settled} KiB after round 3 to {last} KiB over the last three rounds: {rss:?}"
     );
     eprintln!("churn: {} connections in {:.2?}; VmRSS per round (KiB): {rss:?}", ROUNDS * PER_ROUND, started.elapsed());
 }
