@@ -99,32 +99,22 @@ fn list<S: AsRef<str>>(keys: &[S]) -> String {
 /// Sets the `RESTART_KEYS` of `next` back to their running values; returns those that differed.
 fn keep_restart_keys(running: &Config, next: &mut Config) -> Vec<&'static str> {
     let mut kept = Vec::new();
-    if next.listen.addr != running.listen.addr {
-        kept.push("listen.addr");
-        next.listen.addr = running.listen.addr;
+    macro_rules! keep {
+        ($($section:ident . $key:ident),*) => {$(
+            if next.$section.$key != running.$section.$key {
+                kept.push(concat!(stringify!($section), ".", stringify!($key)));
+                next.$section.$key = running.$section.$key.clone();
+            }
+        )*};
     }
-    if next.listen.max_connections != running.listen.max_connections {
-        kept.push("listen.max_connections");
-        next.listen.max_connections = running.listen.max_connections;
-    }
-    if next.listen.max_handshakes != running.listen.max_handshakes {
-        kept.push("listen.max_handshakes");
-        next.listen.max_handshakes = running.listen.max_handshakes;
-    }
+    keep!(listen.addr, listen.max_connections, listen.max_handshakes);
     // Other certificate files are fine; switching TLS on or off changes what the listener is.
     if next.listen.tls_cert.is_some() != running.listen.tls_cert.is_some() {
         kept.extend(["listen.tls_cert", "listen.tls_key"]);
         next.listen.tls_cert.clone_from(&running.listen.tls_cert);
         next.listen.tls_key.clone_from(&running.listen.tls_key);
     }
-    if next.admin.addr != running.admin.addr {
-        kept.push("admin.addr");
-        next.admin.addr = running.admin.addr;
-    }
-    if next.log.format != running.log.format {
-        kept.push("log.format");
-        next.log.format = running.log.format;
-    }
+    keep!(admin.addr, log.format);
     kept
 }
 

@@ -17,8 +17,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +37,7 @@ use wskeep::tools::client::{
     self, ClientError, ClientOptions, Connection, Incoming, OP_BINARY, OP_CONTINUATION, OP_TEXT,
 };
 
+use common::binary::Wskeep;
 use common::TestUpstream;
 
 /// One heavy test at a time: they share two CPUs and measure CPU, descriptors and memory.
@@ -899,89 +899,30 @@ async fn upstream_port_closed_gets_502_and_counts_unreachable() {
 
 // === the real binary ===
 
-/// `wskeep run` as a child process, optionally under `ulimit -n`; killed when dropped, its log
-/// printed if the test failed.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
+/// `wskeep run` (plain ws://) in front of `upstream`, optionally under `ulimit -n`: the shared
+/// runner of `common::binary`, with what these tests read from `/proc`.
+struct Binary;
 
 impl Binary {
-    /// Starts plain ws:// in front of `upstream` and waits for `/readyz`.
-    async fn start(upstream: SocketAddr, extra: &str, nofile: Option<u32>) -> Binary {
-        for attempt in 0.. {
-            let dir = tempfile::tempdir().unwrap();
-            let (port, admin_port) = {
-                let a = StdListener::bind("127.0.0.1:0").unwrap();
-                let b = StdListener::bind("127.0.0.1:0").unwrap();
-                (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-            };
-            let config = format!(
+    async fn start(upstream: SocketAddr, extra: &str, nofile: Option<u32>) -> Wskeep {
+        let config = |port: u16, admin_port: u16| {
+            format!(
                 "[listen]\naddr = \"127.0.0.1:{port}\"\n{extra}\n\
                  [admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
                  [upstream]\nurl = \"ws://{upstream}\"\n\
                  [client_keepalive]\nping_interval = \"0s\"\ntimeout = \"0s\"\n\
                  [log]\nlevel = \"info\"\nformat = \"text\"\n"
-            );
-            let config_path = dir.path().join("wskeep.toml");
-            std::fs::write(&config_path, config).unwrap();
-            let log = dir.path().join("wskeep.log");
-            let mut command = match nofile {
-                // `ulimit -n` in sh sets both the soft and the hard limit, which wskeep cannot raise.
-                Some(n) => {
-                    let mut c = Command::new("sh");
-                    c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(env!("CARGO_BIN_EXE_wskeep"));
-                    c
-                }
-                None => Command::new(env!("CARGO_BIN_EXE_wskeep")),
-            };
-            command
-                .arg("run")
-                .arg("--config")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap());
-            for (name, _) in std::env::vars_os() {
-                if name.to_string_lossy().starts_with("WSKEEP_") {
-                    command.env_remove(name);
-                }
-            }
-            let mut binary = Binary {
-                child: command.spawn().expect("wskeep starts"),
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-                log,
-                _dir: dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                if let Some(status) = binary.child.try_wait().unwrap() {
-                    if attempt < 3 && binary.log().contains("cannot listen") {
-                        break; // a port was taken between picking and binding it
-                    }
-                    panic!("wskeep exited at start with {status}:\n{}", binary.log());
-                }
-                if let Ok((200, _)) = common::http_get(binary.admin, "/readyz").await {
-                    return binary;
-                }
-                assert!(Instant::now() < deadline, "wskeep never became ready:\n{}", binary.log());
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        unreachable!()
+            )
+        };
+        Wskeep::start_limited(std::net::Ipv4Addr::LOCALHOST.into(), config, nofile.map(u64::from)).await
     }
+}
 
-    fn proc(&self, file: &str) -> String {
-        std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).unwrap_or_default()
-    }
+/// What the tests read about the wskeep process from `/proc`.
+trait ProcStats {
+    fn proc(&self, file: &str) -> String;
 
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
-    }
+    fn open_fds(&self) -> usize;
 
     fn rss_kib(&self) -> u64 {
         let status = self.proc("status");
@@ -996,31 +937,15 @@ impl Binary {
         let fields: Vec<&str> = stat.rsplit_once(')').expect("/proc/PID/stat").1.split_whitespace().collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- wskeep log (last 60 lines) ---");
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-            eprintln!("--- end of wskeep log ---");
-        }
+impl ProcStats for Wskeep {
+    fn proc(&self, file: &str) -> String {
+        std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).unwrap_or_default()
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
     }
 }
 
@@ -1100,7 +1025,7 @@ async fn descriptors_exhausted_the_binary_stays_up_does_not_spin_and_recovers() 
     }
     let exhausted_fds = wskeep.open_fds();
     assert!(exhausted_fds >= NOFILE - 2, "only {exhausted_fds} of {NOFILE} descriptors open");
-    assert!(wskeep.alive(), "wskeep exited when descriptors ran out:\n{}", wskeep.log());
+    assert!(wskeep.is_running(), "wskeep exited when descriptors ran out:\n{}", wskeep.log());
 
     // It does not spin while accept keeps failing.
     let ticks = clock_ticks_per_second();
@@ -1108,7 +1033,7 @@ async fn descriptors_exhausted_the_binary_stays_up_does_not_spin_and_recovers() 
     tokio::time::sleep(Duration::from_secs(2)).await; // the measurement window itself
     let cpu = (wskeep.cpu_ticks() - before) as f64 / ticks as f64 / t0.elapsed().as_secs_f64();
     assert!(cpu < 0.2, "wskeep used {:.0}% of a core while out of descriptors", cpu * 100.0);
-    assert!(wskeep.alive());
+    assert!(wskeep.is_running());
     // The admin port needs a descriptor too: it cannot answer now (it is checked after recovery).
     let healthz_while_exhausted =
         tokio::time::timeout(Duration::from_secs(1), common::http_get(wskeep.admin, "/healthz")).await;
@@ -1136,7 +1061,7 @@ async fn descriptors_exhausted_the_binary_stays_up_does_not_spin_and_recovers() 
     // Every descriptor comes back (the baseline may have counted the readiness probe's socket).
     wait_for(Duration::from_secs(10), "the descriptors to come back", || wskeep.open_fds() <= baseline).await;
     let fds = wskeep.open_fds();
-    assert!(wskeep.alive());
+    assert!(wskeep.is_running());
     assert!(wskeep.log().contains("accepting again"), "no recovery logged");
     eprintln!(
         "descriptors exhausted: limit {NOFILE}, baseline {baseline} fds, {websockets} WebSockets then {:?}; \
