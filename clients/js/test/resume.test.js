@@ -1,0 +1,153 @@
+// The shim against wskeep's side of the protocol: the real binary ($WSKEEP_BIN, as the Rust
+// suite's tests/js_client.rs runs it) and, for the shim's logic alone, the fake in support/.
+// A TCP relay between the shim and the server is killed to drop the client's connection
+// without a close frame; a numbered upstream logs what it received and how it ended.
+import { test, describe, after } from "node:test";
+import assert from "node:assert/strict";
+import { WskeepSocket, backoffDelay } from "../wskeep-resume.js";
+import { startUpstream } from "./support/upstream.js";
+import { startRelay } from "./support/relay.js";
+import { startWskeep, metric } from "./support/wskeep.js";
+import { startFake } from "./support/fake-wskeep.js";
+import { eventually, numbered } from "./support/util.js";
+
+const servers = {
+  wskeep: (upstreamPort, graceMs) => startWskeep(upstreamPort, `enabled = true\ngrace = "${graceMs}ms"\n`),
+  fake: (upstreamPort, graceMs) => startFake(upstreamPort, { graceMs }),
+};
+
+/** The shim through a relay to `server`, recording what the page would see. */
+function client(port, query) {
+  const ws = new WskeepSocket(`ws://127.0.0.1:${port}/session?${query}`);
+  const seen = { messages: [], opens: 0, closes: [], errors: 0, resumed: [], resets: [], notOpen: 0 };
+  ws.onopen = () => { seen.opens += 1; };
+  ws.onmessage = (e) => seen.messages.push(e.data);
+  ws.onclose = (e) => seen.closes.push(e.code);
+  ws.onerror = () => { seen.errors += 1; };
+  ws.addEventListener("resumed", (e) => seen.resumed.push(e.detail));
+  ws.addEventListener("reset", (e) => seen.resets.push(e.detail));
+  return { ws, seen };
+}
+
+for (const [kind, start] of Object.entries(servers)) {
+  describe(`against ${kind}`, () => {
+    test("three drops of the client's path: every message once and in order, both ways; the upstream saw one connection", async () => {
+      const N = 300;
+      const upstream = await startUpstream();
+      const server = await start(upstream.port, 30000);
+      const relay = await startRelay(server.port);
+      after(async () => { await relay.stop().catch(() => {}); await server.stop(); await upstream.close(); });
+      const { ws, seen } = client(relay.port, `count=${N}&every=5`);
+      await eventually(() => seen.opens === 1, 5000, "open");
+      let sent = 0;
+      const sender = setInterval(() => {
+        if (sent >= N) return clearInterval(sender);
+        if (ws.readyState !== WskeepSocket.OPEN) seen.notOpen += 1;
+        ws.send(`c${sent}`);
+        sent += 1;
+      }, 5);
+      for (const at of [60, 140, 220]) {
+        await eventually(() => seen.messages.length >= at, 10000, `${at} messages`);
+        await relay.stop();
+        // The gap: the upstream and the page both go on sending meanwhile.
+        const [u, c] = [upstream.connections[0].sent, sent];
+        await eventually(() => upstream.connections[0].sent >= u + 10 && sent >= c + 10, 5000, "sends during the gap");
+        await relay.start();
+      }
+      await eventually(() => seen.messages.length >= N && upstream.connections[0].received.length >= N, 15000,
+        "every message both ways");
+      clearInterval(sender);
+      assert.deepEqual(seen.messages, numbered("u", N), "the page got every upstream message once, in order");
+      assert.deepEqual(upstream.connections[0].received, numbered("c", N), "the upstream got every page message once, in order");
+      assert.equal(upstream.connections.length, 1, "one upstream connection for the whole session");
+      assert.equal(upstream.connections[0].close, undefined, "the upstream saw no close");
+      assert.ok(!upstream.connections[0].url.includes("wskeep_"), `wskeep's parameters stripped: ${upstream.connections[0].url}`);
+      assert.equal(seen.resumed.length, 3, JSON.stringify(seen));
+      assert.ok(seen.resumed.every((r) => r.gapMs >= 0), JSON.stringify(seen.resumed));
+      assert.ok(relay.accepted >= 4, `the shim reconnected (${relay.accepted} connections)`);
+      assert.deepEqual([seen.opens, seen.closes, seen.errors, seen.resets.length, seen.notOpen], [1, [], 0, 0, 0]);
+      if (kind === "wskeep") {
+        const text = await server.metrics();
+        assert.ok(text.includes("wskeep_resume"), `resume metrics exported:\n${text}`);
+      }
+      ws.close(1000, "done");
+      await upstream.until(() => upstream.connections[0].close !== undefined, 5000, "close");
+      assert.equal(upstream.connections[0].close, 1000, "the page's close reaches the upstream");
+      await eventually(() => seen.closes.length === 1, 5000, "the page's close event");
+      assert.deepEqual(seen.closes, [1000]);
+    });
+
+    test("a gap longer than the grace: 4410, `reset` with the lost sends, a fresh session", async () => {
+      const upstream = await startUpstream();
+      const server = await start(upstream.port, 300);
+      const relay = await startRelay(server.port);
+      after(async () => { await relay.stop().catch(() => {}); await server.stop(); await upstream.close(); });
+      const { ws, seen } = client(relay.port, "count=5&every=1");
+      await eventually(() => seen.messages.length === 5, 5000, "the first messages");
+      ws.send("before");
+      await upstream.until(() => upstream.connections[0].received.length === 1, 5000, "first send");
+      await relay.stop();
+      for (let i = 0; i < 3; i++) ws.send(`lost${i}`);
+      // wskeep gives the session up after the grace: the upstream hears of it.
+      await upstream.until(() => upstream.connections[0].close !== undefined, 5000, "the upstream's close after the grace");
+      assert.equal(upstream.connections[0].close, kind === "wskeep" ? 1001 : 1000);
+      await relay.start();
+      await eventually(() => seen.resets.length === 1, 10000, "reset");
+      assert.ok(seen.resets[0].lost >= 3, `the sends made during the gap are reported lost: ${JSON.stringify(seen.resets)}`);
+      await upstream.until(() => upstream.connections.length === 2, 5000, "a fresh upstream connection");
+      ws.send("after");
+      await upstream.until(() => upstream.connections[1].received.length === 1, 5000, "a send on the fresh session");
+      assert.deepEqual(upstream.connections[1].received, ["after"], "nothing of the old session is resent to the new one");
+      await eventually(() => seen.messages.length === 10, 5000, "the fresh session's messages");
+      assert.deepEqual(seen.messages, [...numbered("u", 5), ...numbered("u", 5)]);
+      assert.equal(ws.readyState, WskeepSocket.OPEN);
+      assert.deepEqual([seen.opens, seen.closes, seen.resumed.length], [1, [], 0]);
+      if (kind === "wskeep") {
+        const text = await server.metrics();
+        assert.ok(metric(text, 'wskeep_resume_failures_total{reason="expired"}') >= 1, text);
+      }
+      ws.close();
+    });
+
+    test("a server that does not know the session (restarted) answers 4410: reset, fresh session", async () => {
+      const upstream = await startUpstream();
+      let server = await start(upstream.port, 30000);
+      const relay = await startRelay(server.port);
+      after(async () => { await relay.stop().catch(() => {}); await server.stop(); await upstream.close(); });
+      const { ws, seen } = client(relay.port, "count=3&every=1");
+      await eventually(() => seen.messages.length === 3, 5000, "the first messages");
+      await relay.stop();
+      await server.stop();
+      server = await start(upstream.port, 30000);
+      relay.target = server.port;
+      await relay.start();
+      await eventually(() => seen.resets.length === 1, 10000, "reset");
+      await eventually(() => seen.messages.length === 6, 5000, "the fresh session's messages");
+      assert.equal(ws.readyState, WskeepSocket.OPEN);
+      assert.deepEqual([seen.opens, seen.closes, seen.resumed.length], [1, [], 0]);
+      ws.close();
+    });
+  });
+}
+
+test("a close frame from the server ends the socket as it would a WebSocket (no reconnect)", async () => {
+  const upstream = await startUpstream();
+  const server = await startWskeep(upstream.port);
+  after(async () => { await server.stop(); await upstream.close(); });
+  const { ws, seen } = client(server.port, "");
+  await upstream.until(() => upstream.connections.length === 1, 5000, "connection");
+  await eventually(() => ws.resumable, 5000, "session");
+  upstream.connections[0].peer.close(4321, "bye");
+  await eventually(() => seen.closes.length === 1, 5000, "close");
+  assert.deepEqual(seen.closes, [4321]);
+  assert.equal(ws.readyState, WskeepSocket.CLOSED);
+  assert.equal(upstream.connections.length, 1, "no reconnect");
+});
+
+test("backoff: exponential from the minimum to the maximum, jittered between half and all of it", () => {
+  assert.equal(backoffDelay(0, 100, 5000, () => 0), 50);
+  assert.equal(backoffDelay(0, 100, 5000, () => 1), 100);
+  assert.equal(backoffDelay(3, 100, 5000, () => 1), 800);
+  assert.equal(backoffDelay(10, 100, 5000, () => 1), 5000);
+  assert.equal(backoffDelay(1000, 100, 5000, () => 0.5), 3750);
+});

@@ -1,0 +1,48 @@
+// A TCP relay between the client and wskeep that the test kills and restarts: `stop()` closes
+// the listener and every relayed connection (the client leg dies without a close frame, as when
+// a phone changes networks), `start()` listens again on the same port.
+import { createServer, connect } from "node:net";
+
+export async function startRelay(targetPort) {
+  const pairs = new Set();
+  let server = null;
+  let port = 0;
+  const relay = {
+    target: targetPort,
+    accepted: 0,
+    get port() { return port; },
+    async start() {
+      server = createServer((inbound) => {
+        relay.accepted += 1;
+        const outbound = connect(relay.target, "127.0.0.1");
+        const pair = [inbound, outbound];
+        pairs.add(pair);
+        for (const s of pair) {
+          s.setNoDelay(true);
+          s.on("error", () => {});
+          s.on("close", () => { pairs.delete(pair); inbound.destroy(); outbound.destroy(); });
+        }
+        inbound.pipe(outbound);
+        outbound.pipe(inbound);
+      });
+      await new Promise((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(port, "127.0.0.1", resolve);
+      });
+      port = server.address().port;
+    },
+    /** Drops every relayed connection; new ones still get through. */
+    cut() {
+      for (const pair of [...pairs]) for (const s of pair) s.destroy();
+      pairs.clear();
+    },
+    /** Stops listening and drops every relayed connection. */
+    async stop() {
+      const closed = new Promise((resolve) => server.close(resolve));
+      relay.cut();
+      await closed;
+    },
+  };
+  await relay.start();
+  return relay;
+}

@@ -1,0 +1,41 @@
+// A legacy upstream that knows nothing of resume: on each connection it sends `u0`, `u1`, ...
+// (`?count=N&every=MS` in the request's query; nothing when count is absent) and logs every
+// message it receives, every connection and how each ended, for the tests to compare.
+import { listen } from "./ws-server.js";
+
+export async function startUpstream() {
+  /** @type {{url: string, received: string[], sent: number, close: number | null | undefined, peer: any}[]} */
+  const connections = [];
+  const waiters = new Set();
+  const changed = () => { for (const w of [...waiters]) w(); };
+  const server = await listen((peer) => {
+    const url = new URL(peer.request.url, "http://upstream");
+    const entry = { url: peer.request.url, received: [], sent: 0, close: undefined, peer };
+    connections.push(entry);
+    const count = Number(url.searchParams.get("count") ?? 0);
+    const every = Number(url.searchParams.get("every") ?? 10);
+    const timer = count > 0 ? setInterval(() => {
+      if (entry.sent >= count || peer.closed) return clearInterval(timer);
+      peer.send(`u${entry.sent}`);
+      entry.sent += 1;
+      changed();
+    }, every) : null;
+    peer.onmessage = (data) => { entry.received.push(String(data)); changed(); };
+    peer.onclose = (code) => { clearInterval(timer); entry.close = code; changed(); };
+    changed();
+  }, (request) => request.headers["sec-websocket-protocol"]?.split(",")[0].trim());
+  return {
+    port: server.port,
+    connections,
+    /** Resolves once `predicate()` holds (checked on every event), or rejects after `ms`. */
+    until(predicate, ms = 10000, what = "condition") {
+      if (predicate()) return Promise.resolve();
+      return new Promise((resolve, reject) => {
+        const check = () => { if (predicate()) { waiters.delete(check); clearTimeout(t); resolve(); } };
+        const t = setTimeout(() => { waiters.delete(check); reject(new Error(`upstream: no ${what} within ${ms} ms`)); }, ms);
+        waiters.add(check);
+      });
+    },
+    close: () => server.close(),
+  };
+}
