@@ -105,7 +105,7 @@ export class WskeepSocket extends EventTarget {
   /**
    * @param {string | URL} url
    * @param {string | string[]} [protocols]
-   * @param {import("./wskeep-resume.js").WskeepSocketOptions} [options]
+   * @param {import("./wskeep-resume").WskeepSocketOptions} [options]
    */
   constructor(url, protocols = [], options = {}) {
     super();

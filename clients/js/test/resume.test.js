@@ -19,6 +19,7 @@ const servers = {
 /** The shim through a relay to `server`, recording what the page would see. */
 function client(port, query) {
   const ws = new WskeepSocket(`ws://127.0.0.1:${port}/session?${query}`);
+  after(() => ws.close());
   const seen = { messages: [], opens: 0, closes: [], errors: 0, resumed: [], resets: [], notOpen: 0 };
   ws.onopen = () => { seen.opens += 1; };
   ws.onmessage = (e) => seen.messages.push(e.data);
@@ -34,9 +35,11 @@ for (const [kind, start] of Object.entries(servers)) {
     test("three drops of the client's path: every message once and in order, both ways; the upstream saw one connection", async () => {
       const N = 300;
       const upstream = await startUpstream();
+      after(() => upstream.close());
       const server = await start(upstream.port, 30000);
+      after(() => server.stop());
       const relay = await startRelay(server.port);
-      after(async () => { await relay.stop().catch(() => {}); await server.stop(); await upstream.close(); });
+      after(() => relay.stop().catch(() => {}));
       const { ws, seen } = client(relay.port, `count=${N}&every=5`);
       await eventually(() => seen.opens === 1, 5000, "open");
       let sent = 0;
@@ -79,9 +82,11 @@ for (const [kind, start] of Object.entries(servers)) {
 
     test("a gap longer than the grace: 4410, `reset` with the lost sends, a fresh session", async () => {
       const upstream = await startUpstream();
+      after(() => upstream.close());
       const server = await start(upstream.port, 300);
+      after(() => server.stop());
       const relay = await startRelay(server.port);
-      after(async () => { await relay.stop().catch(() => {}); await server.stop(); await upstream.close(); });
+      after(() => relay.stop().catch(() => {}));
       const { ws, seen } = client(relay.port, "count=5&every=1");
       await eventually(() => seen.messages.length === 5, 5000, "the first messages");
       ws.send("before");
@@ -111,9 +116,11 @@ for (const [kind, start] of Object.entries(servers)) {
 
     test("a server that does not know the session (restarted) answers 4410: reset, fresh session", async () => {
       const upstream = await startUpstream();
+      after(() => upstream.close());
       let server = await start(upstream.port, 30000);
+      after(() => server.stop());
       const relay = await startRelay(server.port);
-      after(async () => { await relay.stop().catch(() => {}); await server.stop(); await upstream.close(); });
+      after(() => relay.stop().catch(() => {}));
       const { ws, seen } = client(relay.port, "count=3&every=1");
       await eventually(() => seen.messages.length === 3, 5000, "the first messages");
       await relay.stop();
@@ -132,8 +139,9 @@ for (const [kind, start] of Object.entries(servers)) {
 
 test("a close frame from the server ends the socket as it would a WebSocket (no reconnect)", async () => {
   const upstream = await startUpstream();
+  after(() => upstream.close());
   const server = await startWskeep(upstream.port);
-  after(async () => { await server.stop(); await upstream.close(); });
+  after(() => server.stop());
   const { ws, seen } = client(server.port, "");
   await upstream.until(() => upstream.connections.length === 1, 5000, "connection");
   await eventually(() => ws.resumable, 5000, "session");

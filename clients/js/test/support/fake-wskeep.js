@@ -35,6 +35,7 @@ export async function startFake(upstreamPort, { graceMs = 30000 } = {}) {
       s.peer = null;
       if (code === null) {
         s.expiry = setTimeout(() => { sessions.delete(s.id); s.upstream.close(1000, "client gone"); }, graceMs);
+        s.expiry.unref(); // a fake in a finished test keeps nothing alive
       } else {
         sessions.delete(s.id);
         s.upstream.close(code === 1005 ? 1000 : code);
@@ -77,5 +78,10 @@ export async function startFake(upstreamPort, { graceMs = 30000 } = {}) {
     s.clientAck = received;
     attach(s, peer, received);
   }, (request) => request.headers["sec-websocket-protocol"]?.split(",")[0].trim());
-  return { port: server.port, sessions, close: () => server.close(), stop: () => server.close() };
+  const stop = async () => {
+    for (const s of sessions.values()) { clearTimeout(s.expiry); s.upstream.onclose = null; s.upstream.close(); }
+    sessions.clear();
+    await server.close();
+  };
+  return { port: server.port, sessions, close: stop, stop };
 }

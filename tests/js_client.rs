@@ -1,0 +1,101 @@
+//! The JavaScript resume shim (`clients/js/`) against this build's binary: its Node tests
+//! (`node --test`, three forced drops through a killable TCP relay, the grace's 4410 and a
+//! restarted wskeep's, against the real wskeep and a fake of its side) and the proof in a real
+//! browser (Debian's Chromium runs a page using the shim through three cuts of its path).
+//!
+//! Needs `node` (>= 22, or 20.10+ with --experimental-websocket, which these tests add) and
+//! /usr/bin/chromium, both installed by .ci/install.sh; the tests fail, they do not skip,
+//! without them.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn js_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js")
+}
+
+/// Node's flags for a global WebSocket: none from 22 on, `--experimental-websocket` on 20.10+.
+fn node_flags() -> Vec<&'static str> {
+    let output = Command::new("node")
+        .arg("--version")
+        .output()
+        .expect("node is missing: apt-get install -y nodejs npm (.ci/install.sh)");
+    let version = String::from_utf8_lossy(&output.stdout).trim().trim_start_matches('v').to_string();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    match (major, minor) {
+        (22.., _) => vec![],
+        (20, 10..) | (21, _) => vec!["--experimental-websocket"],
+        _ => panic!("node {version} has no WebSocket client: the shim's tests need node >= 20.10"),
+    }
+}
+
+/// `node --test FILES` in clients/js with WSKEEP_BIN set to this build's binary; panics with
+/// node's report when a test fails, or when the run outlasts `limit` (then node's process group,
+/// which this test made, is killed).
+fn node_test(files: &[&str], env: &[(&str, &str)], limit: Duration) {
+    let out = tempfile::tempfile().unwrap();
+    let mut child = Command::new("node")
+        .args(node_flags())
+        .arg("--test")
+        .args(files)
+        .current_dir(js_dir())
+        .env("WSKEEP_BIN", env!("CARGO_BIN_EXE_wskeep"))
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out.try_clone().unwrap())
+        .process_group(0)
+        .spawn()
+        .expect("node runs (apt-get install -y nodejs npm)");
+    let give_up = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > give_up {
+            let group = format!("-{}", child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut report = String::new();
+    let mut out = out;
+    out.seek(SeekFrom::Start(0)).unwrap();
+    out.read_to_string(&mut report).unwrap();
+    let status = status.unwrap_or_else(|| panic!("node --test {files:?} still running after {limit:?}:\n{report}"));
+    assert!(status.success(), "node --test {files:?} failed ({status}):\n{report}");
+    // A runner that ran nothing passes too: make sure every test ran and none was skipped.
+    let count = |key: &str| {
+        report.lines().find_map(|l| l.strip_prefix(&format!("# {key} "))).and_then(|n| n.trim().parse::<u32>().ok())
+    };
+    assert!(count("pass").unwrap_or(0) > 0, "no test passed:\n{report}");
+    assert_eq!(count("fail"), Some(0), "{report}");
+    assert_eq!(count("skipped"), Some(0), "{report}");
+}
+
+#[test]
+fn shim_node_tests_against_the_real_binary() {
+    let mut files: Vec<String> = std::fs::read_dir(js_dir().join("test"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.ends_with(".test.js"))
+        .map(|name| format!("test/{name}"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no clients/js/test/*.test.js");
+    node_test(&files.iter().map(String::as_str).collect::<Vec<_>>(), &[], Duration::from_secs(120));
+}
+
+#[test]
+fn chromium_resumes_through_three_cuts_of_its_path() {
+    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: apt-get install -y chromium (.ci/install.sh)");
+    node_test(&["test/browser/chromium.proof.js"], &[("CHROMIUM", CHROMIUM)], Duration::from_secs(120));
+}
