@@ -119,6 +119,7 @@ export class WskeepSocket extends EventTarget {
     this._maxDelayMs = options.maxDelayMs ?? 5000;
     this._maxGapMs = options.maxGapMs ?? 30000;
     this._sessionWaitMs = options.sessionWaitMs ?? 2000;
+    this._ackTimeoutMs = options.ackTimeoutMs ?? 10000;
     this._random = options.random ?? Math.random;
     this._binaryType = "blob";
     this._readyState = CONNECTING;
@@ -176,7 +177,7 @@ export class WskeepSocket extends EventTarget {
     }
     const copy = stable(data);
     this._sent += 1;
-    this._kept.push({ n: this._sent, data: copy });
+    this._kept.push({ n: this._sent, data: copy, at: this._attached ? now() : 0 });
     if (this._attached) {
       this._ws.send(copy);
       this._written = this._sent;
@@ -303,13 +304,32 @@ export class WskeepSocket extends EventTarget {
     this._release(theirs);
     // Everything wskeep has not received goes out again, in order, before any new send.
     const resent = this._kept.length;
-    for (const kept of this._kept) ws.send(kept.data);
+    const at = now();
+    for (const kept of this._kept) {
+      kept.at = at;
+      ws.send(kept.data);
+    }
     this._written = this._sent;
     this._unwrittenBytes = 0;
     this._ackedReceived = this._received;
     this._unackedBytes = 0;
     clearInterval(this._ackTimer);
-    this._ackTimer = setInterval(() => this._ws === ws && this._received !== this._ackedReceived && this._ack(), ACK_INTERVAL_MS);
+    let lastAck = now();
+    this._ackTimer = setInterval(() => {
+      if (this._ws !== ws) return;
+      if (this._received !== this._ackedReceived && now() - lastAck >= ACK_INTERVAL_MS - 1) {
+        lastAck = now();
+        this._ack();
+      }
+      // wskeep acks what it received within about a second: a send unacknowledged for much
+      // longer means a path that died silently (no FIN: a phone that changed networks), which
+      // the browser would notice only after minutes. Leave it and resume on a new connection.
+      if (this._kept.length > 0 && now() - this._kept[0].at > this._ackTimeoutMs) {
+        this._drop(ws);
+        ws.close(4000, "no ack from wskeep");
+        this._lost();
+      }
+    }, Math.min(ACK_INTERVAL_MS, this._ackTimeoutMs / 2));
     if (resuming && this._gapStart !== 0) {
       const gapMs = Math.round(now() - this._gapStart);
       this._gapStart = 0;

@@ -17,8 +17,8 @@ const servers = {
 };
 
 /** The shim through a relay to `server`, recording what the page would see. */
-function client(port, query) {
-  const ws = new WskeepSocket(`ws://127.0.0.1:${port}/session?${query}`);
+function client(port, query, options = {}) {
+  const ws = new WskeepSocket(`ws://127.0.0.1:${port}/session?${query}`, [], options);
   after(() => ws.close());
   const seen = { messages: [], opens: 0, closes: [], errors: 0, resumed: [], resets: [], notOpen: 0 };
   ws.onopen = () => { seen.opens += 1; };
@@ -133,6 +133,36 @@ for (const [kind, start] of Object.entries(servers)) {
       assert.equal(ws.readyState, WskeepSocket.OPEN);
       assert.deepEqual([seen.opens, seen.closes, seen.resumed.length], [1, [], 0]);
       ws.close();
+    });
+
+    test("a path that dies silently (no FIN): missing acks make the shim resume on a new connection, nothing lost", async () => {
+      const N = 100;
+      const upstream = await startUpstream();
+      after(() => upstream.close());
+      const server = await start(upstream.port, 30000);
+      after(() => server.stop());
+      const relay = await startRelay(server.port);
+      after(() => relay.stop().catch(() => {}));
+      const { ws, seen } = client(relay.port, `count=${N}&every=5`, { ackTimeoutMs: 1500 });
+      await eventually(() => seen.opens === 1, 5000, "open");
+      let sent = 0;
+      const sender = setInterval(() => {
+        if (sent >= N) return clearInterval(sender);
+        ws.send(`c${sent}`);
+        sent += 1;
+      }, 5);
+      after(() => clearInterval(sender));
+      await eventually(() => seen.messages.length >= 30, 5000, "30 messages");
+      relay.freeze();
+      await eventually(() => seen.messages.length >= N && upstream.connections[0].received.length >= N, 15000,
+        "every message both ways after the silent drop");
+      assert.deepEqual(seen.messages, numbered("u", N));
+      assert.deepEqual(upstream.connections[0].received, numbered("c", N));
+      assert.equal(upstream.connections.length, 1);
+      assert.equal(upstream.connections[0].close, undefined);
+      assert.equal(seen.resumed.length, 1, JSON.stringify(seen));
+      assert.equal(relay.accepted, 2);
+      assert.deepEqual([seen.opens, seen.closes, seen.errors, seen.resets.length], [1, [], 0, 0]);
     });
   });
 }

@@ -31,6 +31,18 @@ export async function startRelay(targetPort) {
       });
       port = server.address().port;
     },
+    /**
+     * Stops relaying on every current connection without closing it (a path that died
+     * silently: no FIN, no RST, as when a phone leaves a Wi-Fi); new connections get through.
+     */
+    freeze() {
+      for (const [inbound, outbound] of pairs) {
+        inbound.unpipe(outbound);
+        outbound.unpipe(inbound);
+        inbound.pause();
+        outbound.pause();
+      }
+    },
     /** Drops every relayed connection; new ones still get through. */
     cut() {
       for (const pair of [...pairs]) for (const s of pair) s.destroy();
