@@ -154,6 +154,10 @@ for (const [kind, start] of Object.entries(servers)) {
       after(() => clearInterval(sender));
       await eventually(() => seen.messages.length >= 30, 5000, "30 messages");
       relay.freeze();
+      // Once resumed, the old path comes back to life: what it held reaches the old socket
+      // late, and the shim must not take it (the new connection replays it).
+      await eventually(() => seen.resumed.length === 1, 5000, "the resume");
+      relay.thaw();
       await eventually(() => seen.messages.length >= N && upstream.connections[0].received.length >= N, 15000,
         "every message both ways after the silent drop");
       assert.deepEqual(seen.messages, numbered("u", N));

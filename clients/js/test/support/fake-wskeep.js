@@ -14,12 +14,19 @@ export async function startFake(upstreamPort, { graceMs = 30000 } = {}) {
   };
   const attach = (s, peer, replayAbove) => {
     clearTimeout(s.expiry);
-    if (s.peer) { const old = s.peer; s.peer = null; old.close(4001, "replaced by a resumed connection"); old.destroy(); }
+    if (s.peer) {
+      // As wskeep: a close frame to the half-open leg, and its TCP dropped after a 2 s bound.
+      const old = s.peer;
+      s.peer = null;
+      old.close(4001, "replaced by a resumed connection");
+      setTimeout(() => old.destroy(), 2000).unref();
+    }
     s.peer = peer;
     peer.send(`${PREFIX}session ${token(s)} ${s.received}`);
     s.kept = s.kept.filter((k) => k.n > replayAbove);
     for (const k of s.kept) peer.send(k.data);
     peer.onmessage = (data) => {
+      if (s.peer !== peer) return; // a replaced leg's late data: the new leg has (or resends) it
       if (typeof data === "string" && data.startsWith(PREFIX)) {
         const [verb, n] = data.slice(PREFIX.length).split(" ");
         if (verb !== "ack" || Number(n) < s.clientAck || Number(n) > s.sent) return peer.close(1008, "bad wskeep control message");

@@ -5,6 +5,7 @@ import { createServer, connect } from "node:net";
 
 export async function startRelay(targetPort) {
   const pairs = new Set();
+  const frozen = new Set();
   let server = null;
   let port = 0;
   const relay = {
@@ -20,7 +21,7 @@ export async function startRelay(targetPort) {
         for (const s of pair) {
           s.setNoDelay(true);
           s.on("error", () => {});
-          s.on("close", () => { pairs.delete(pair); inbound.destroy(); outbound.destroy(); });
+          s.on("close", () => { pairs.delete(pair); frozen.delete(pair); inbound.destroy(); outbound.destroy(); });
         }
         inbound.pipe(outbound);
         outbound.pipe(inbound);
@@ -36,12 +37,23 @@ export async function startRelay(targetPort) {
      * silently: no FIN, no RST, as when a phone leaves a Wi-Fi); new connections get through.
      */
     freeze() {
-      for (const [inbound, outbound] of pairs) {
+      for (const pair of pairs) {
+        const [inbound, outbound] = pair;
+        frozen.add(pair);
         inbound.unpipe(outbound);
         outbound.unpipe(inbound);
         inbound.pause();
         outbound.pause();
       }
+    },
+    /** Relays again on the frozen connections still open (what they held arrives late). */
+    thaw() {
+      for (const pair of frozen) {
+        const [inbound, outbound] = pair;
+        inbound.pipe(outbound);
+        outbound.pipe(inbound);
+      }
+      frozen.clear();
     },
     /** Drops every relayed connection; new ones still get through. */
     cut() {
