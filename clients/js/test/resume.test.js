@@ -143,7 +143,7 @@ for (const [kind, start] of Object.entries(servers)) {
       after(() => server.stop());
       const relay = await startRelay(server.port);
       after(() => relay.stop().catch(() => {}));
-      const { ws, seen } = client(relay.port, `count=${N}&every=5`, { ackTimeoutMs: 1500 });
+      const { ws, seen } = client(relay.port, `count=${N}&every=5`, { ackTimeoutMs: 2500 });
       await eventually(() => seen.opens === 1, 5000, "open");
       let sent = 0;
       const sender = setInterval(() => {
