@@ -71,7 +71,9 @@ for (const [kind, start] of Object.entries(servers)) {
       assert.deepEqual([seen.opens, seen.closes, seen.errors, seen.resets.length, seen.notOpen], [1, [], 0, 0, 0]);
       if (kind === "wskeep") {
         const text = await server.metrics();
-        assert.ok(text.includes("wskeep_resume"), `resume metrics exported:\n${text}`);
+        assert.equal(metric(text, "wskeep_resume_sessions_resumed_total"), 3, text);
+        assert.equal(metric(text, "wskeep_resume_sessions_detached_total"), 3, text);
+        assert.equal(server.log().split("\n").filter((l) => l.includes('"session resumed"')).length, 3, server.log());
       }
       ws.close(1000, "done");
       await upstream.until(() => upstream.connections[0].close !== undefined, 5000, "close");
@@ -131,6 +133,10 @@ for (const [kind, start] of Object.entries(servers)) {
       await eventually(() => seen.resets.length === 1, 10000, "reset");
       await eventually(() => seen.messages.length === 6, 5000, "the fresh session's messages");
       assert.equal(ws.readyState, WskeepSocket.OPEN);
+      if (kind === "wskeep") {
+        const text = await server.metrics();
+        assert.equal(metric(text, 'wskeep_resume_failures_total{reason="bad_token"}'), 1, text);
+      }
       assert.deepEqual([seen.opens, seen.closes, seen.resumed.length], [1, [], 0]);
       ws.close();
     });
@@ -167,6 +173,11 @@ for (const [kind, start] of Object.entries(servers)) {
       assert.equal(seen.resumed.length, 1, JSON.stringify(seen));
       assert.equal(relay.accepted, 2);
       assert.deepEqual([seen.opens, seen.closes, seen.errors, seen.resets.length], [1, [], 0, 0]);
+      if (kind === "wskeep") {
+        // The old leg was still attached as far as wskeep knew: the new one replaced it.
+        const line = server.log().split("\n").find((l) => l.includes('"session resumed"')) ?? "";
+        assert.match(line, /"half_open":true/, server.log());
+      }
     });
   });
 }

@@ -14,7 +14,7 @@ import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { startUpstream } from "../support/upstream.js";
 import { startRelay } from "../support/relay.js";
-import { startWskeep } from "../support/wskeep.js";
+import { startWskeep, metric } from "../support/wskeep.js";
 import { eventually, numbered } from "../support/util.js";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
@@ -140,4 +140,6 @@ test("Chromium through three cuts of its path: every message once and in order b
   assert.ok(relay.accepted >= 4, `the browser reconnected through the relay (${relay.accepted})`);
   assert.deepEqual([result.opens, result.closes, result.errors, result.resets.length, result.notOpen], [1, [], 0, 0, 0],
     JSON.stringify(result));
+  const text = await wskeep.metrics();
+  assert.equal(metric(text, "wskeep_resume_sessions_resumed_total"), 3, text);
 });
