@@ -3,8 +3,8 @@
 //! restarted wskeep's, against the real wskeep and a fake of its side) and the proof in a real
 //! browser (Debian's Chromium runs a page using the shim through three cuts of its path).
 //!
-//! Needs `node` (>= 22, or 20.10+ with --experimental-websocket, which these tests add) and
-//! /usr/bin/chromium, both installed by .ci/install.sh; the tests fail, they do not skip,
+//! Needs `node` (>= 22, or 20.10+ where `clients/js/run-tests.js` adds --experimental-websocket)
+//! and /usr/bin/chromium, both installed by .ci/install.sh; the tests fail, they do not skip,
 //! without them.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -19,31 +19,15 @@ fn js_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js")
 }
 
-/// Node's flags for a global WebSocket: none from 22 on, `--experimental-websocket` on 20.10+.
-fn node_flags() -> Vec<&'static str> {
-    let output = Command::new("node")
-        .arg("--version")
-        .output()
-        .expect("node is missing: apt-get install -y nodejs npm (.ci/install.sh)");
-    let version = String::from_utf8_lossy(&output.stdout).trim().trim_start_matches('v').to_string();
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    match (major, minor) {
-        (22.., _) => vec![],
-        (20, 10..) | (21, _) => vec!["--experimental-websocket"],
-        _ => panic!("node {version} has no WebSocket client: the shim's tests need node >= 20.10"),
-    }
-}
-
-/// `node --test FILES` in clients/js with WSKEEP_BIN set to this build's binary; panics with
-/// node's report when a test fails, or when the run outlasts `limit` (then node's process group,
-/// which this test made, is killed).
-fn node_test(files: &[&str], env: &[(&str, &str)], limit: Duration) {
+/// `node run-tests.js ARGS` in clients/js (`node --test` on the shim's tests, with the flag Node
+/// 20 needs for its WebSocket) with WSKEEP_BIN set to this build's binary; panics with node's
+/// report when a test fails, or when the run outlasts `limit` (then node's process group, which
+/// this test made, is killed).
+fn node_test(args: &[&str], env: &[(&str, &str)], limit: Duration) {
     let out = tempfile::tempfile().unwrap();
     let mut child = Command::new("node")
-        .args(node_flags())
-        .arg("--test")
-        .args(files)
+        .arg("run-tests.js")
+        .args(args)
         .current_dir(js_dir())
         .env("WSKEEP_BIN", env!("CARGO_BIN_EXE_wskeep"))
         .envs(env.iter().copied())
@@ -70,8 +54,8 @@ fn node_test(files: &[&str], env: &[(&str, &str)], limit: Duration) {
     let mut out = out;
     out.seek(SeekFrom::Start(0)).unwrap();
     out.read_to_string(&mut report).unwrap();
-    let status = status.unwrap_or_else(|| panic!("node --test {files:?} still running after {limit:?}:\n{report}"));
-    assert!(status.success(), "node --test {files:?} failed ({status}):\n{report}");
+    let status = status.unwrap_or_else(|| panic!("node --test {args:?} still running after {limit:?}:\n{report}"));
+    assert!(status.success(), "node --test {args:?} failed ({status}):\n{report}");
     // A runner that ran nothing passes too: make sure every test ran and none was skipped.
     let count = |key: &str| {
         report.lines().find_map(|l| l.strip_prefix(&format!("# {key} "))).and_then(|n| n.trim().parse::<u32>().ok())
@@ -83,19 +67,11 @@ fn node_test(files: &[&str], env: &[(&str, &str)], limit: Duration) {
 
 #[test]
 fn shim_node_tests_against_the_real_binary() {
-    let mut files: Vec<String> = std::fs::read_dir(js_dir().join("test"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|name| name.ends_with(".test.js"))
-        .map(|name| format!("test/{name}"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no clients/js/test/*.test.js");
-    node_test(&files.iter().map(String::as_str).collect::<Vec<_>>(), &[], Duration::from_secs(120));
+    node_test(&[], &[], Duration::from_secs(120));
 }
 
 #[test]
 fn chromium_resumes_through_three_cuts_of_its_path() {
     assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: apt-get install -y chromium (.ci/install.sh)");
-    node_test(&["test/browser/chromium.proof.js"], &[("CHROMIUM", CHROMIUM)], Duration::from_secs(120));
+    node_test(&["browser"], &[("CHROMIUM", CHROMIUM)], Duration::from_secs(120));
 }
