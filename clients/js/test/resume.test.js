@@ -182,6 +182,20 @@ for (const [kind, start] of Object.entries(servers)) {
   });
 }
 
+test("a stream far larger than resume.buffer flows: the shim's acks free wskeep's buffer", async () => {
+  const N = 3000; // about 20 KB of frames through a 4 KiB buffer
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startWskeep(upstream.port, 'enabled = true\nbuffer = "4KiB"\n', '[limits]\nmax_message_size = "1KiB"\n');
+  after(() => server.stop());
+  const { seen } = client(server.port, `count=${N}&every=1&burst=20`);
+  await eventually(() => seen.messages.length >= N, 10000, `${N} messages`).catch((e) => {
+    throw new Error(`${e.message}: got ${seen.messages.length}`);
+  });
+  assert.deepEqual(seen.messages, numbered("u", N));
+  assert.equal(upstream.connections.length, 1);
+});
+
 test("a close frame from the server ends the socket as it would a WebSocket (no reconnect)", async () => {
   const upstream = await startUpstream();
   after(() => upstream.close());

@@ -1,5 +1,6 @@
 // A legacy upstream that knows nothing of resume: on each connection it sends `u0`, `u1`, ...
-// (`?count=N&every=MS` in the request's query; nothing when count is absent) and logs every
+// (`?count=N&every=MS&burst=K` in the request's query: K messages every MS ms; nothing when
+// count is absent) and logs every
 // message it receives, every connection and how each ended, for the tests to compare.
 import { listen } from "./ws-server.js";
 
@@ -14,10 +15,13 @@ export async function startUpstream() {
     connections.push(entry);
     const count = Number(url.searchParams.get("count") ?? 0);
     const every = Number(url.searchParams.get("every") ?? 10);
+    const burst = Number(url.searchParams.get("burst") ?? 1);
     const timer = count > 0 ? setInterval(() => {
-      if (entry.sent >= count || peer.closed) return clearInterval(timer);
-      peer.send(`u${entry.sent}`);
-      entry.sent += 1;
+      for (let i = 0; i < burst; i++) {
+        if (entry.sent >= count || peer.closed) return clearInterval(timer);
+        peer.send(`u${entry.sent}`);
+        entry.sent += 1;
+      }
       changed();
     }, every) : null;
     peer.onmessage = (data) => { entry.received.push(String(data)); changed(); };

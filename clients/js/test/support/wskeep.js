@@ -16,8 +16,11 @@ export function wskeepBin() {
   return bin;
 }
 
-/** Starts wskeep in front of `upstreamPort` with `[resume]` settings `resume` (TOML lines). */
-export async function startWskeep(upstreamPort, resume = 'enabled = true\ngrace = "30s"\n') {
+/**
+ * Starts wskeep in front of `upstreamPort` with `[resume]` settings `resume` (TOML lines) and
+ * any further sections in `extra`.
+ */
+export async function startWskeep(upstreamPort, resume = 'enabled = true\ngrace = "30s"\n', extra = "") {
   const dir = mkdtempSync(join(tmpdir(), "wskeep-js-"));
   const config = join(dir, "wskeep.toml");
   writeFileSync(config, [
@@ -25,7 +28,7 @@ export async function startWskeep(upstreamPort, resume = 'enabled = true\ngrace 
     "[admin]", 'addr = "127.0.0.1:0"',
     "[upstream]", `url = "ws://127.0.0.1:${upstreamPort}"`,
     "[resume]", resume,
-    "[log]", 'format = "json"', 'level = "info"', "",
+    "[log]", 'format = "json"', 'level = "info"', extra, "",
   ].join("\n"));
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("WSKEEP_")));
   const child = spawn(wskeepBin(), ["run", "--config", config], { env, stdio: ["ignore", "ignore", "pipe"] });
