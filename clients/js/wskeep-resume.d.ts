@@ -16,6 +16,12 @@ export interface WskeepSocketOptions {
    * data message from such a server ends the wait at once.
    */
   sessionWaitMs?: number;
+  /**
+   * A send that wskeep has not acknowledged for this long (it acks within about a second) means
+   * a path that died without a FIN: the socket leaves it and resumes on a new connection.
+   * Default 10000 ms.
+   */
+  ackTimeoutMs?: number;
   /** The jitter's random source in [0, 1) (default Math.random). */
   random?: () => number;
 }

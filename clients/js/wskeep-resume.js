@@ -226,7 +226,7 @@ export class WskeepSocket extends EventTarget {
       ws = new this._Impl(url, this._protocols);
     } catch (e) {
       if (this._readyState === CONNECTING) throw e; // a bad URL or protocol, as WebSocket throws
-      this._lost(null);
+      this._lost();
       return;
     }
     ws.binaryType = this._binaryType;
@@ -374,8 +374,8 @@ export class WskeepSocket extends EventTarget {
     // A close frame from wskeep (or the upstream through it) ends the session, as without the
     // shim; 1006 is a connection that died without one: resume it.
     const died = e.code === 1006 || e.code === 1005 || e.code === 1015;
-    if (died && this._mode === "resumable" && this._token !== null) return this._lost(ws);
-    if (died && this._mode === "pending" && this._readyState === OPEN) return this._lost(ws);
+    if (died && this._mode === "resumable" && this._token !== null) return this._lost();
+    if (died && this._mode === "pending" && this._readyState === OPEN) return this._lost();
     if (died && this._readyState === CONNECTING) this.dispatchEvent(new Event("error"));
     if (died && this._mode === "plain") this.dispatchEvent(new Event("error"));
     this._finish(e.code, e.reason, e.wasClean);
