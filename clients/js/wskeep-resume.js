@@ -121,6 +121,7 @@ export class WskeepSocket extends EventTarget {
     this._sessionWaitMs = options.sessionWaitMs ?? 2000;
     this._ackTimeoutMs = options.ackTimeoutMs ?? 10000;
     this._random = options.random ?? Math.random;
+    /** @type {BinaryType} */
     this._binaryType = "blob";
     this._readyState = CONNECTING;
     this._protocol = "";
@@ -274,7 +275,9 @@ export class WskeepSocket extends EventTarget {
     if (this._readyState === OPEN) this.dispatchEvent(messageEvent(data, new URL(this._url).origin));
   }
 
-  _control(ws, [verb, ...fields]) {
+  /** @param {WebSocket} ws @param {string[]} control the verb and its fields */
+  _control(ws, control) {
+    const [verb, ...fields] = control;
     if (verb === "session") {
       const [token, field] = fields;
       const theirs = count(field);
