@@ -178,13 +178,9 @@ export class WskeepSocket extends EventTarget {
     }
     const copy = stable(data);
     this._sent += 1;
-    this._kept.push({ n: this._sent, data: copy, at: this._attached ? now() : 0 });
-    if (this._attached) {
-      this._ws.send(copy);
-      this._written = this._sent;
-    } else {
-      this._unwrittenBytes += sizeOf(copy);
-    }
+    this._kept.push({ n: this._sent, data: copy, at: 0 });
+    this._unwrittenBytes += sizeOf(copy);
+    if (this._writable()) this._writeAbove(this._ws, this._written);
   }
 
   close(code, reason) {
@@ -209,9 +205,9 @@ export class WskeepSocket extends EventTarget {
   _newSession() {
     this._token = null;
     this._sent = 0; // data messages the page sent on this session
-    this._written = 0; // of those, written on the current connection (or acked)
     this._kept = []; // sent and not yet acknowledged by wskeep: {n, data}
     this._unwrittenBytes = 0;
+    this._written = 0; // the last send written on the current connection
     this._received = 0; // data messages received on this session
     this._ackedReceived = 0; // the last count we acked
     this._unackedBytes = 0;
@@ -233,7 +229,12 @@ export class WskeepSocket extends EventTarget {
     ws.binaryType = this._binaryType;
     this._ws = ws;
     this._attached = false;
-    ws.onopen = () => this._ws === ws && this._opened(ws);
+    this._written = 0;
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      this._opened(ws);
+      if (this._ws === ws && this._writable()) this._writeAbove(ws, this._written);
+    };
     ws.onmessage = (e) => this._ws === ws && this._message(ws, e.data);
     ws.onclose = (e) => this._ws === ws && this._closed(ws, e);
     // An error is a connection failed without a close frame (1006, as its close event will
@@ -261,7 +262,10 @@ export class WskeepSocket extends EventTarget {
   }
 
   _message(ws, data) {
-    const control = this._mode === "plain" ? null : parseControl(data);
+    let control = this._mode === "plain" ? null : parseControl(data);
+    // wskeep with resume speaks first, with its session message: anything else first is the
+    // upstream's own message through a wskeep without resume (or none at all).
+    if (control !== null && this._mode === "pending" && control[0] !== "session") control = null;
     if (control !== null) {
       this._control(ws, control);
       return;
@@ -305,15 +309,9 @@ export class WskeepSocket extends EventTarget {
     this._attempt = 0;
     this._resets = 0;
     this._release(theirs);
-    // Everything wskeep has not received goes out again, in order, before any new send.
-    const resent = this._kept.length;
-    const at = now();
-    for (const kept of this._kept) {
-      kept.at = at;
-      ws.send(kept.data);
-    }
-    this._written = this._sent;
-    this._unwrittenBytes = 0;
+    // Everything wskeep has not received goes out again, in order, before any new send (on a
+    // new session, what was written before this message is on its way already).
+    const resent = this._writeAbove(ws, Math.max(theirs, this._written));
     this._ackedReceived = this._received;
     this._unackedBytes = 0;
     clearInterval(this._ackTimer);
@@ -341,6 +339,32 @@ export class WskeepSocket extends EventTarget {
     this._gapStart = 0;
   }
 
+  /**
+   * Whether sends go out now: once the session message came, or at once on a new session's
+   * open connection (wskeep counts a new session's messages from zero whenever they come; a
+   * resume must wait for wskeep's count to know what to resend).
+   */
+  _writable() {
+    return this._attached || (this._token === null && this._mode === "pending" && this._ws?.readyState === OPEN);
+  }
+
+  /** Writes the kept sends numbered above `above`, in order; returns how many. */
+  _writeAbove(ws, above) {
+    const at = now();
+    let written = 0;
+    // Kept sends are numbered consecutively: start at `above + 1` rather than scan them all.
+    const first = this._kept.length > 0 ? Math.max(0, above + 1 - this._kept[0].n) : 0;
+    for (let i = first; i < this._kept.length; i++) {
+      const kept = this._kept[i];
+      kept.at = at;
+      ws.send(kept.data);
+      written += 1;
+    }
+    this._written = this._sent;
+    this._unwrittenBytes = 0;
+    return written;
+  }
+
   /** wskeep has every send up to `theirs`: stop keeping them. */
   _release(theirs) {
     let drop = 0;
@@ -365,7 +389,7 @@ export class WskeepSocket extends EventTarget {
   _plain() {
     clearTimeout(this._sessionTimer);
     this._mode = "plain";
-    for (const kept of this._kept) this._ws.send(kept.data);
+    this._writeAbove(this._ws, this._written);
     this._kept = [];
     this._unwrittenBytes = 0;
   }

@@ -196,6 +196,29 @@ test("a stream far larger than resume.buffer flows: the shim's acks free wskeep'
   assert.equal(upstream.connections.length, 1);
 });
 
+test("with resume off in wskeep the shim is a plain WebSocket: sends go at once, a drop closes it", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startWskeep(upstream.port, "enabled = false\n");
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { sessionWaitMs: 60000 });
+  ws.onopen = () => ws.send("hello");
+  // Long before the shim would stop waiting for a session message: nothing held back.
+  await upstream.until(() => upstream.connections[0]?.received.length === 1, 5000, "the first send");
+  assert.deepEqual(upstream.connections[0].received, ["hello"]);
+  assert.ok(!upstream.connections[0].url.includes("wskeep_"), upstream.connections[0].url);
+  upstream.connections[0].peer.send("\u0000wskeep:ack 1");
+  upstream.connections[0].peer.send("x");
+  await eventually(() => seen.messages.length === 2, 5000, "the upstream's messages");
+  assert.deepEqual(seen.messages, ["\u0000wskeep:ack 1", "x"], "no control messages here: all delivered");
+  assert.equal(ws.resumable, false);
+  relay.cut();
+  await eventually(() => seen.closes.length === 1, 5000, "close");
+  assert.deepEqual([seen.closes, seen.errors, relay.accepted], [[1006], 1, 1], "no reconnect");
+});
+
 test("a close frame from the server ends the socket as it would a WebSocket (no reconnect)", async () => {
   const upstream = await startUpstream();
   after(() => upstream.close());
