@@ -12,8 +12,9 @@ export interface WskeepSocketOptions {
   maxGapMs?: number;
   /**
    * After `open`, how long to wait for wskeep's session message before treating the server as
-   * one without resume (a plain WebSocket that does not reconnect). Default 2000 ms. The first
-   * data message from such a server ends the wait at once.
+   * one without resume: a plain WebSocket that keeps no sends and does not reconnect. Sends are
+   * not held back meanwhile. The server's first message, if it is not the session message, ends
+   * the wait at once. Default 2000 ms.
    */
   sessionWaitMs?: number;
   /**

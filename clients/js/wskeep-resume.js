@@ -248,9 +248,13 @@ export class WskeepSocket extends EventTarget {
   }
 
   _opened(ws) {
-    if (this._readyState === CONNECTING) {
+    if (this._token === null) {
+      // A new session (the first, or after a reset) may get another answer; a resume gets the
+      // original one.
       this._protocol = ws.protocol;
       this._extensions = ws.extensions;
+    }
+    if (this._readyState === CONNECTING) {
       this._readyState = OPEN;
       this.dispatchEvent(new Event("open"));
       if (this._ws !== ws || this._readyState !== OPEN) return;
