@@ -36,6 +36,8 @@ pub struct ConnInfo {
     /// The request path without its query string (tokens travel there).
     pub path: String,
     pub started: Instant,
+    /// permessage-deflate was negotiated: messages may cross compressed.
+    pub deflate: bool,
     pub legs: [LegStats; 2],
 }
 
@@ -77,6 +79,7 @@ impl ConnInfo {
             "peer": self.peer.to_string(),
             "path": self.path,
             "age_seconds": age.as_secs_f64(),
+            "compression": self.deflate.then_some(crate::proxy::deflate::NAME),
             "client": leg(Side::Client),
             "upstream": leg(Side::Upstream),
         })
@@ -91,9 +94,9 @@ pub struct Connections {
 
 impl Connections {
     /// Registers a connection; it leaves the list when the returned guard drops.
-    pub fn open(self: &Arc<Self>, peer: SocketAddr, path: String) -> ConnGuard {
+    pub fn open(self: &Arc<Self>, peer: SocketAddr, path: String, deflate: bool) -> ConnGuard {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
-        let info = Arc::new(ConnInfo { id, peer, path, started: Instant::now(), legs: Default::default() });
+        let info = Arc::new(ConnInfo { id, peer, path, started: Instant::now(), deflate, legs: Default::default() });
         self.lock().insert(id, info.clone());
         ConnGuard { info, list: self.clone() }
     }
@@ -302,7 +305,9 @@ mod tests {
     fn a_query_shows_the_top_rows_of_the_matching_connections() {
         let list = Arc::new(Connections::default());
         let guards: Vec<ConnGuard> = (0..50)
-            .map(|i| list.open(([127, 0, 0, 1], 1).into(), format!("/{}", if i % 2 == 0 { "even" } else { "odd" })))
+            .map(|i| {
+                list.open(([127, 0, 0, 1], 1).into(), format!("/{}", if i % 2 == 0 { "even" } else { "odd" }), false)
+            })
             .collect();
         for g in &guards {
             g.info.leg(Side::Client).messages.store(g.info.id * 7 % 50, Relaxed);

@@ -130,6 +130,7 @@ fn ended_json(e: &Ended) -> Value {
         "id": e.info.id,
         "peer": e.info.peer.to_string(),
         "path": e.info.path,
+        "compression": e.info.deflate.then_some(crate::proxy::deflate::NAME),
         "ended_at": (unix_seconds(e.at) * 1000.0).round() / 1000.0,
         "duration_seconds": e.duration.as_secs_f64(),
         "end": e.outcome.end.as_str(),
@@ -198,6 +199,7 @@ mod tests {
             peer: ([127, 0, 0, 1], 1).into(),
             path: "/ws".into(),
             started: std::time::Instant::now(),
+            deflate: false,
             legs: Default::default(),
         })
     }

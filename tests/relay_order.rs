@@ -177,6 +177,7 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
         peer: SocketAddr::from(([127, 0, 0, 1], 1)),
         path: "/".into(),
         started: Instant::now(),
+        deflate: false,
         legs: Default::default(),
     };
     let closing = CancellationToken::new();

@@ -37,7 +37,7 @@ async fn a_frame_that_arrived_is_read_before_the_idle_deadline_is_judged() {
     let timeout = Duration::from_millis(100);
     let settings = settings(LegTimers { timeout, ..OFF });
     let (metrics, connections) = (Metrics::new(), Arc::new(Connections::default()));
-    let guard = connections.open(([127, 0, 0, 1], 1).into(), "/".into());
+    let guard = connections.open(([127, 0, 0, 1], 1).into(), "/".into(), false);
     let (client_near, mut client_far): (DuplexStream, DuplexStream) = tokio::io::duplex(4096);
     let (upstream_near, _upstream_far) = tokio::io::duplex(4096);
     let closing = CancellationToken::new();
@@ -45,8 +45,8 @@ async fn a_frame_that_arrived_is_read_before_the_idle_deadline_is_judged() {
     let [client_timers, upstream_timers] = settings.timers;
     let mut relay = Relay {
         legs: [
-            Leg::new(Side::Client, LegStream::new(client_near), settings.max_message_size),
-            Leg::new(Side::Upstream, LegStream::new(upstream_near), settings.max_message_size),
+            Leg::new(Side::Client, LegStream::new(client_near), settings.max_message_size, false),
+            Leg::new(Side::Upstream, LegStream::new(upstream_near), settings.max_message_size, false),
         ],
         keepalive: Keepalive::new(client_timers, upstream_timers, Duration::ZERO, settings.timer_slots.clone()),
         env: ConnEnv { settings: &settings, metrics: &metrics, conn: &guard.info },
