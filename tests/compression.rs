@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::binary::Wskeep;
+use common::python::{peers_script, python, PythonUpstream};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,59 +16,7 @@ use wskeep::frame::{self, FrameReader, Step, OP_TEXT, RSV1};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// The Python that has `websockets` (tests/networks/install.sh's venv).
-fn python() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
-        .unwrap_or_default();
-    let venv = cache.join("wskeep/websockets-venv/bin/python");
-    assert!(venv.exists(), "{} is missing: run tests/networks/install.sh", venv.display());
-    venv
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compression/peers.py")
-}
-
-/// The compressing upstream, stopped when dropped.
-struct Upstream {
-    child: Child,
-    port: u16,
-}
-
-impl Upstream {
-    async fn start() -> Upstream {
-        let mut child = Command::new(python())
-            .arg(script())
-            .arg("upstream")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python with websockets");
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
-        });
-        let line = tokio::time::timeout(LIMIT, line).await.expect("the upstream starts in time").unwrap();
-        let port = line.ok().and_then(|l| l.trim().strip_prefix("ready ")?.parse().ok());
-        let Some(port) = port else {
-            let _ = child.kill();
-            panic!("the Python upstream did not start");
-        };
-        Upstream { child, port }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn sidecar(upstream: &Upstream, compression: bool) -> Wskeep {
+async fn sidecar(upstream: &PythonUpstream, compression: bool) -> Wskeep {
     let up = upstream.port;
     Wskeep::start_with(move |port, admin| {
         format!(
@@ -82,7 +30,8 @@ async fn sidecar(upstream: &Upstream, compression: bool) -> Wskeep {
 /// Runs the Python client through wskeep; its report.
 async fn python_client(wskeep: &Wskeep) -> Value {
     let url = format!("ws://{}/voice", wskeep.addr);
-    let run = tokio::task::spawn_blocking(move || Command::new(python()).arg(script()).arg("client").arg(url).output());
+    let run =
+        tokio::task::spawn_blocking(move || Command::new(python()).arg(peers_script()).arg("client").arg(url).output());
     let out = tokio::time::timeout(LIMIT, run).await.expect("the client finishes in time").unwrap().unwrap();
     assert!(out.status.success(), "client failed: {}\n{}", String::from_utf8_lossy(&out.stderr), wskeep.log());
     serde_json::from_slice(&out.stdout).unwrap()
@@ -90,7 +39,7 @@ async fn python_client(wskeep: &Wskeep) -> Value {
 
 #[tokio::test]
 async fn compression_is_negotiated_end_to_end_and_json_pings_are_still_answered() {
-    let upstream = Upstream::start().await;
+    let upstream = PythonUpstream::start().await;
     let wskeep = sidecar(&upstream, true).await;
     let report = python_client(&wskeep).await;
 
@@ -118,7 +67,7 @@ async fn compression_is_negotiated_end_to_end_and_json_pings_are_still_answered(
 
 #[tokio::test]
 async fn with_compression_off_the_offer_is_stripped() {
-    let upstream = Upstream::start().await;
+    let upstream = PythonUpstream::start().await;
     let wskeep = sidecar(&upstream, false).await;
     let report = python_client(&wskeep).await;
     assert_eq!(report["client_agreed"], Value::Null, "{report}");
@@ -144,7 +93,7 @@ fn stored(text: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn compressed_frames_cross_unchanged_and_wskeeps_own_frames_are_not_compressed() {
-    let upstream = Upstream::start().await;
+    let upstream = PythonUpstream::start().await;
     let wskeep = sidecar(&upstream, true).await;
     let mut tcp = TcpStream::connect(wskeep.addr).await.unwrap();
     let request = format!(

@@ -49,7 +49,9 @@ UPSTREAM=${UPSTREAM:-wskeep}
 DIRECT=${DIRECT:-0}
 KOSOKU_PARALLELISM=${KOSOKU_PARALLELISM:-1}
 KOSOKU_TIMEOUT=${KOSOKU_TIMEOUT:-900}
-OUT=${CONFORMANCE_OUT:-$root/target/conformance/$UPSTREAM${DIRECT/#1/_direct}_upstream_ping_$UPSTREAM_PING}
+suffix=$UPSTREAM
+[[ "$DIRECT" == 1 ]] && suffix+=_direct
+OUT=${CONFORMANCE_OUT:-$root/target/conformance/${suffix}_upstream_ping_$UPSTREAM_PING}
 
 if [[ -z "${KOSOKU:-}" ]]; then
     KOSOKU=$("$here/install.sh" | tail -n1)
