@@ -7,6 +7,8 @@
 //! at most `MAX_WIRE` bytes), into a buffer on the stack that bounds the output (`MAX_TEXT`), so a
 //! compression bomb costs at most that much work and nothing is allocated.
 
+use std::cell::RefCell;
+
 use miniz_oxide::inflate::core::inflate_flags::{TINFL_FLAG_HAS_MORE_INPUT, TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF};
 use miniz_oxide::inflate::core::{decompress, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;
@@ -16,6 +18,12 @@ use miniz_oxide::inflate::TINFLStatus;
 pub const MAX_WIRE: usize = 1024;
 /// A candidate that inflates to more than this is not a ping.
 pub const MAX_TEXT: usize = 4096;
+
+thread_local! {
+    /// One decompressor per worker thread, reset for each candidate: its tables are about 11 KiB,
+    /// too much to allocate and clear per message or to put on the relay task's stack.
+    static DECOMPRESSOR: RefCell<Box<DecompressorOxide>> = RefCell::default();
+}
 
 /// RFC 7692 §7.2.2: the sender removed these four bytes (the end of a sync flush) from the end of
 /// the message; the receiver puts them back.
@@ -36,13 +44,13 @@ fn inflate_into<'a>(compressed: &[u8], out: &'a mut [u8; MAX_TEXT]) -> Option<&'
     input[..compressed.len()].copy_from_slice(compressed);
     input[compressed.len()..compressed.len() + TAIL.len()].copy_from_slice(&TAIL);
     let input = &input[..compressed.len() + TAIL.len()];
-    // Boxed: the decompressor's tables are about 11 KiB, too much for the relay task's stack next
-    // to its read buffer; one allocation per candidate is nothing next to parsing JSON.
-    let mut state = Box::<DecompressorOxide>::default();
     // The message ends without a final block, so a whole message leaves the decompressor waiting
     // for more input, with every byte of it consumed.
     let flags = TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF | TINFL_FLAG_HAS_MORE_INPUT;
-    let (status, used, written) = decompress(&mut state, input, out, 0, flags);
+    let (status, used, written) = DECOMPRESSOR.with_borrow_mut(|state| {
+        state.init();
+        decompress(state, input, out, 0, flags)
+    });
     match status {
         // A message may also end with a final block, which leaves the tail unread.
         TINFLStatus::NeedsMoreInput if used == input.len() => std::str::from_utf8(&out[..written]).ok(),
