@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::proxy_protocol::Failure as ProxyFailure;
-use crate::vocab::{End, Side, UpgradeFailure};
+use crate::vocab::{End, HttpVersion, Side, UpgradeFailure};
 
 mod process;
 
@@ -56,6 +56,8 @@ pub struct Metrics {
     registry: Registry,
     pub connections_active: IntGauge,
     pub connections_total: IntCounter,
+    /// Indexed by `HttpVersion`: the transport each completed WebSocket came over.
+    pub websocket_upgrades: [IntCounter; 2],
     upgrade_failures: IntCounterVec,
     connection_duration: HistogramVec,
     close_codes: IntCounterVec,
@@ -114,6 +116,12 @@ impl Metrics {
             counter_vec(&r, "wskeep_pings_answered_total", "Pongs sent in answer to a peer's ping", &["side"]);
         let rtt =
             histogram_vec(&r, "wskeep_ping_rtt_seconds", "Round-trip time of wskeep's pings", &["side"], RTT_BUCKETS);
+        let upgrades = counter_vec(
+            &r,
+            "wskeep_websocket_upgrades_total",
+            "WebSocket upgrades completed on both legs, by the client's HTTP version (1.1, or 2: RFC 8441)",
+            &["http_version"],
+        );
         let build = register(
             &r,
             IntGaugeVec::new(Opts::new("wskeep_build_info", "Build information"), &["version", "commit"])
@@ -130,6 +138,7 @@ impl Metrics {
                 IntGauge::new("wskeep_connections_active", "Proxied WebSocket connections open now").expect("valid"),
             ),
             connections_total: counter(&r, "wskeep_connections_total", "WebSocket upgrades completed on both legs"),
+            websocket_upgrades: HttpVersion::ALL.map(|v| upgrades.with_label_values(&[v.as_str()])),
             upgrade_failures: counter_vec(
                 &r,
                 "wskeep_upgrade_failures_total",
@@ -287,5 +296,6 @@ mod tests {
         assert!(text.contains("wskeep_config_reloads_total{result=\"invalid\"} 0"));
         assert!(text.contains("wskeep_proxy_protocol_failures_total{reason=\"untrusted\"} 0"));
         assert!(text.contains("process_resident_memory_bytes"));
+        assert!(text.contains("wskeep_websocket_upgrades_total{http_version=\"2\"} 0"), "{text}");
     }
 }

@@ -156,9 +156,7 @@ mod tests {
         let config = crate::config::Config::from_toml("[upstream]\nurl = \"ws://127.0.0.1:9\"\n").unwrap();
         let shared = Shared::new(config, Arc::new(crate::metrics::Metrics::new()), false);
         let guards: Vec<_> = (0..9000u32)
-            .map(|i| {
-                shared.connections.open(([10, 0, (i >> 8) as u8, i as u8], 40000).into(), format!("/voice/{i}"), false)
-            })
+            .map(|i| shared.connections.open(([10, 0, (i >> 8) as u8, i as u8], 40000).into(), format!("/voice/{i}")))
             .collect();
         for g in &guards {
             g.info.leg(Side::Client).last_rtt_us.store(100 + g.info.id % 5000, std::sync::atomic::Ordering::Relaxed);

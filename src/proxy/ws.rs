@@ -23,7 +23,7 @@ use super::{deflate, headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
 use crate::admission::is_out_of_resources;
 use crate::legstream::LegStream;
 use crate::relay::{self, Outcome, RelaySettings};
-use crate::vocab::{End, Side, UpgradeFailure};
+use crate::vocab::{End, HttpVersion, Side, UpgradeFailure};
 
 /// Why the upstream leg could not be opened, and what the client is told.
 enum UpstreamFailure {
@@ -44,8 +44,13 @@ pub async fn upgrade(
     meta: ConnMeta,
 ) -> Response<Body> {
     let metrics = &shared.metrics;
-    let client_key = match headers::validate_upgrade(req.method(), req.version(), req.headers()) {
-        Ok(key) => key.to_string(),
+    let checked = match meta.http_version {
+        HttpVersion::Http1 => headers::validate_upgrade(req.method(), req.version(), req.headers()).map(Some),
+        HttpVersion::Http2 => validate_connect(req.headers()).map(|()| None),
+    };
+    // The client's key on HTTP/1.1; HTTP/2 has none (RFC 8441 §5).
+    let client_key = match checked {
+        Ok(key) => key.map(str::to_string),
         Err(bad) => {
             metrics.upgrade_failed(UpgradeFailure::BadRequest);
             crate::telemetry::upgrade_failure(UpgradeFailure::BadRequest, bad.reason.trim_end());
@@ -71,21 +76,23 @@ pub async fn upgrade(
     };
     metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
 
-    // The client's 101: its own accept key, the upstream's choice of subprotocol, and the
-    // upstream's other end-to-end headers (cookies, for instance).
+    // The client's 101 (HTTP/2: 200): the upstream's choice of subprotocol and its other
+    // end-to-end headers (cookies, for instance), and on HTTP/1.1 the client's own accept key.
     let mut response = Response::new(Body::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let mut upstream_headers = upstream_response.headers().clone();
     headers::strip_response(&mut upstream_headers, true);
     *response.headers_mut() = upstream_headers;
-    let h = response.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    // The key passed validation (base64 characters only), so the derived value is a valid header.
-    let accept = derive_accept_key(client_key.as_bytes());
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    if let Some(client_key) = client_key {
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        // The key passed validation (base64 characters only), so the derived value is a valid header.
+        let accept = derive_accept_key(client_key.as_bytes());
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    }
     if let Some(agreed) = &deflate {
-        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
+        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
         metrics.compressed_connections.inc();
     }
 
@@ -98,6 +105,26 @@ pub async fn upgrade(
         relay_task(legs, task_shared, relay_settings, meta, path).await;
     });
     response
+}
+
+/// Checks an HTTP/2 extended CONNECT for a WebSocket (RFC 8441 §5): version 13 (else 426, as
+/// RFC 6455 §4.4 answers on HTTP/1.1), no body.
+fn validate_connect(headers: &hyper::HeaderMap) -> Result<(), headers::BadUpgrade> {
+    let versions: Vec<_> = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter().collect();
+    if versions.len() != 1 || versions[0] != "13" {
+        return Err(headers::BadUpgrade {
+            status: StatusCode::UPGRADE_REQUIRED,
+            reason: "unsupported Sec-WebSocket-Version (13 is supported)\n",
+        });
+    }
+    let empty = |v: &HeaderValue| v.to_str().is_ok_and(|v| v.trim().parse::<u64>() == Ok(0));
+    if !headers.get_all(header::CONTENT_LENGTH).iter().all(empty) {
+        return Err(headers::BadUpgrade {
+            status: StatusCode::BAD_REQUEST,
+            reason: "a WebSocket CONNECT must not have a body (Content-Length)\n",
+        });
+    }
+    Ok(())
 }
 
 /// The two legs' upgrades, and whether messages may be compressed.
@@ -231,8 +258,9 @@ async fn relay_task(
 
     let metrics = &shared.metrics;
     metrics.connections_total.inc();
+    metrics.websocket_upgrades[meta.http_version as usize].inc();
     metrics.connections_active.inc();
-    let guard = shared.connections.open(meta.peer, path, deflate);
+    let guard = shared.connections.open_over(meta.peer, path, meta.http_version, deflate);
     let conn = &guard.info;
     let outcome = relay::run(client, upstream, &settings, metrics, conn, shared.drain.closing_token()).await;
     let duration = conn.started.elapsed();
@@ -267,7 +295,7 @@ async fn close_lone_leg(
             (End::UpstreamError, Some(Side::Upstream), Some((Side::Client, client)), 1014, "upstream connection lost")
         }
     };
-    let guard = shared.connections.open(meta.peer, path, false);
+    let guard = shared.connections.open_over(meta.peer, path, meta.http_version, false);
     let mut codes = [(None, None); 2];
     if let Some(side) = lost {
         // That leg ended without a close frame.

@@ -16,7 +16,7 @@ use crate::jsonping::JsonPingMatcher;
 use crate::keepalive::{Keepalive, LegTimers, TimerSlots};
 use crate::legstream::LegStream;
 use crate::metrics::Metrics;
-use crate::vocab::Side;
+use crate::vocab::{HttpVersion, Side};
 
 /// The largest message either peer may send in the harness.
 pub const MAX_MESSAGE: u64 = 4096;
@@ -97,7 +97,8 @@ fn fixture() -> &'static Fixture {
             }
         };
         let connections = Arc::new(Connections::default());
-        let conns = [false, true].map(|deflate| connections.open(([127, 0, 0, 1], 1).into(), "/".into(), deflate));
+        let conns = [false, true]
+            .map(|deflate| connections.open_over(([127, 0, 0, 1], 1).into(), "/".into(), HttpVersion::Http1, deflate));
         Fixture { settings: [settings(false), settings(true)], metrics: Metrics::new(), conns }
     })
 }

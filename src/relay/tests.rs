@@ -37,7 +37,7 @@ async fn a_frame_that_arrived_is_read_before_the_idle_deadline_is_judged() {
     let timeout = Duration::from_millis(100);
     let settings = settings(LegTimers { timeout, ..OFF });
     let (metrics, connections) = (Metrics::new(), Arc::new(Connections::default()));
-    let guard = connections.open(([127, 0, 0, 1], 1).into(), "/".into(), false);
+    let guard = connections.open(([127, 0, 0, 1], 1).into(), "/".into());
     let (client_near, mut client_far): (DuplexStream, DuplexStream) = tokio::io::duplex(4096);
     let (upstream_near, _upstream_far) = tokio::io::duplex(4096);
     let closing = CancellationToken::new();
