@@ -295,9 +295,10 @@ async fn browser_json_pings_survive_the_idle_cut_only_with_client_pings() {
     drop(browser);
 }
 
-/// Chromium's permessage-deflate offer reaches a compressing upstream (Python `websockets`) and
-/// compression is agreed end to end; the page (served by the upstream through wskeep) still has
-/// its JSON ping answered by wskeep, and a repetitive stream crosses wskeep compressed.
+/// Chromium loads a page from a compressing upstream (Python `websockets`) through wskeep over
+/// HTTP/2, then opens its WebSocket as a stream of that connection (RFC 8441); its
+/// permessage-deflate offer reaches the upstream and compression is agreed end to end, its JSON
+/// ping is still answered by wskeep, and a repetitive stream crosses wskeep compressed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_compression_is_negotiated_end_to_end() {
     let cert = common::test_cert();
@@ -325,5 +326,10 @@ async fn browser_compression_is_negotiated_end_to_end() {
     let streamed = result["streamed_bytes"].as_f64().unwrap();
     let wire = common::metric(&text, "wskeep_message_bytes_total{direction=\"upstream_to_client\"}");
     assert!(streamed >= 100.0 * 1000.0 && wire < streamed / 5.0, "{wire} bytes written to the browser for {streamed}");
+    // Chromium loaded the page over HTTP/2 and opened the WebSocket as a stream of that connection.
+    let (_, live) = common::http_get(sidecar.admin, "/connections").await.unwrap();
+    let live: Value = serde_json::from_str(&live).unwrap();
+    assert_eq!(live[0]["http_version"], "2", "{live}");
+    assert_eq!(live[0]["compression"], "permessage-deflate", "{live}");
     drop(browser);
 }

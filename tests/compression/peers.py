@@ -64,6 +64,8 @@ def process_request(connection, request):
         response = connection.respond(http.HTTPStatus.OK, PAGE)
         response.headers["Content-Type"] = "text/html; charset=utf-8"
         return response
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
     return None
 
 
