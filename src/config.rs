@@ -29,6 +29,8 @@ pub use fd_budget::{MAX_CONNECTIONS_CAP, MAX_HANDSHAKES_CAP};
 
 /// The environment variable that names the configuration file when `--config` is absent.
 pub const CONFIG_ENV: &str = "WSKEEP_CONFIG";
+/// The most streams an HTTP/2 connection may have open at once (`listen.http2_max_streams`).
+pub const MAX_HTTP2_STREAMS: u64 = 1000;
 /// Descriptors kept free for the listeners, the admin server, the upstream pool and logging.
 pub const FD_HEADROOM: u64 = 64;
 
@@ -52,6 +54,10 @@ settings! {
         trusted_proxies: Vec<Cidr> = Vec::new(),
         /// Serves the stability test page on this port at this path ("/wskeep/probe"); "": off.
         probe_path: String = String::new(),
+        /// Offers HTTP/2 (ALPN `h2`) on a TLS listener, WebSockets over it by RFC 8441.
+        http2: bool = true,
+        /// Concurrent streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+        http2_max_streams: u64 = 100,
     }
     derived {
         /// How the limits the configuration left unset were derived (`check` prints it).
@@ -117,6 +123,12 @@ settings! {
         /// What a resuming handshake must carry as the first one did: `authorization`, `origin`,
         /// `cookie:NAME`, `query:NAME`, `header:NAME`.
         bind: Vec<String> = vec!["authorization".into(), "origin".into()],
+    }
+
+    /// permessage-deflate (RFC 7692) passed through end to end, compressed frames unchanged;
+    /// off: stripped from the client's offer.
+    [compression] Compression {
+        enabled: bool = true,
     }
 
     [admin] Admin {
@@ -261,6 +273,9 @@ impl Config {
                  with /, of letters, digits and / - _ . ~ only"
             );
             bad("listen.probe_path", message);
+        }
+        if !(1..=MAX_HTTP2_STREAMS).contains(&self.listen.http2_max_streams) {
+            bad("listen.http2_max_streams", format!("must be between 1 and {MAX_HTTP2_STREAMS}"));
         }
         if self.listen.handshake_timeout.is_zero() {
             bad("listen.handshake_timeout", "must be above 0s: without it a silent socket is held forever".into());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::metrics::RTT_BUCKETS;
-use crate::vocab::Side;
+use crate::vocab::{HttpVersion, Side};
 
 /// Per-leg counters of one connection. Messages and bytes count what was read from this leg.
 #[derive(Debug, Default)]
@@ -35,7 +35,11 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The request path without its query string (tokens travel there).
     pub path: String,
+    /// The client's HTTP version: a WebSocket of its own TCP connection, or an HTTP/2 stream.
+    pub http_version: HttpVersion,
     pub started: Instant,
+    /// permessage-deflate was negotiated: messages may cross compressed.
+    pub deflate: bool,
     pub legs: [LegStats; 2],
 }
 
@@ -77,8 +81,10 @@ impl ConnInfo {
             "id": self.id,
             "peer": self.peer.to_string(),
             "path": self.path,
+            "http_version": self.http_version.as_str(),
             "age_seconds": age.as_secs_f64(),
             "state": session.unwrap_or("open"),
+            "compression": self.deflate.then_some(crate::proxy::deflate::NAME),
             "client": leg(Side::Client),
             "upstream": leg(Side::Upstream),
         })
@@ -97,8 +103,20 @@ pub struct Connections {
 impl Connections {
     /// Registers a connection; it leaves the list when the returned guard drops.
     pub fn open(self: &Arc<Self>, peer: SocketAddr, path: String) -> ConnGuard {
+        self.open_over(peer, path, HttpVersion::Http1, false)
+    }
+
+    /// Registers a connection that came over `http_version`, with permessage-deflate agreed or not.
+    pub fn open_over(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        path: String,
+        http_version: HttpVersion,
+        deflate: bool,
+    ) -> ConnGuard {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
-        let info = Arc::new(ConnInfo { id, peer, path, started: Instant::now(), legs: Default::default() });
+        let started = Instant::now();
+        let info = Arc::new(ConnInfo { id, peer, path, http_version, started, deflate, legs: Default::default() });
         self.lock().insert(id, info.clone());
         ConnGuard { info, list: self.clone() }
     }
@@ -322,7 +340,10 @@ mod tests {
     fn a_query_shows_the_top_rows_of_the_matching_connections() {
         let list = Arc::new(Connections::default());
         let guards: Vec<ConnGuard> = (0..50)
-            .map(|i| list.open(([127, 0, 0, 1], 1).into(), format!("/{}", if i % 2 == 0 { "even" } else { "odd" })))
+            .map(|i| {
+                let path = format!("/{}", if i % 2 == 0 { "even" } else { "odd" });
+                list.open_over(([127, 0, 0, 1], 1).into(), path, HttpVersion::Http2, false)
+            })
             .collect();
         for g in &guards {
             g.info.leg(Side::Client).messages.store(g.info.id * 7 % 50, Relaxed);
@@ -331,6 +352,7 @@ mod tests {
         let view = list.query(&q);
         assert_eq!(view["open"], 50);
         assert_eq!(view["matched"], 25);
+        assert_eq!(view["connections"][0]["http_version"], "2");
         let shown: Vec<u64> =
             view["connections"].as_array().unwrap().iter().map(|c| c["client"]["messages"].as_u64().unwrap()).collect();
         let mut expected: Vec<u64> =

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::proxy_protocol::Failure as ProxyFailure;
-use crate::vocab::{End, ResumeFailure, Side, UpgradeFailure};
+use crate::vocab::{End, HttpVersion, ResumeFailure, Side, UpgradeFailure};
 
 mod process;
 
@@ -62,6 +62,8 @@ pub struct Metrics {
     pub resume_resumed: IntCounter,
     resume_failures: IntCounterVec,
     pub connections_total: IntCounter,
+    /// Indexed by `HttpVersion`: the transport each completed WebSocket came over.
+    pub websocket_upgrades: [IntCounter; 2],
     upgrade_failures: IntCounterVec,
     connection_duration: HistogramVec,
     close_codes: IntCounterVec,
@@ -74,6 +76,7 @@ pub struct Metrics {
     pub pings_answered: [IntCounter; 2],
     pub ping_rtt: [Histogram; 2],
     pub json_pings_answered: IntCounter,
+    pub compressed_connections: IntCounter,
     pub upstream_connect: Histogram,
     http_requests: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
@@ -119,6 +122,12 @@ impl Metrics {
             counter_vec(&r, "wskeep_pings_answered_total", "Pongs sent in answer to a peer's ping", &["side"]);
         let rtt =
             histogram_vec(&r, "wskeep_ping_rtt_seconds", "Round-trip time of wskeep's pings", &["side"], RTT_BUCKETS);
+        let upgrades = counter_vec(
+            &r,
+            "wskeep_websocket_upgrades_total",
+            "WebSocket upgrades completed on both legs, by the client's HTTP version (1.1, or 2: RFC 8441)",
+            &["http_version"],
+        );
         let build = register(
             &r,
             IntGaugeVec::new(Opts::new("wskeep_build_info", "Build information"), &["version", "commit"])
@@ -152,6 +161,7 @@ impl Metrics {
                 "Resumable sessions lost (expired, overflow) and resumes refused with 4410, by reason",
                 &["reason"],
             ),
+            websocket_upgrades: HttpVersion::ALL.map(|v| upgrades.with_label_values(&[v.as_str()])),
             upgrade_failures: counter_vec(
                 &r,
                 "wskeep_upgrade_failures_total",
@@ -178,6 +188,11 @@ impl Metrics {
             pings_answered: per_side(|s| answered.with_label_values(&[s.as_str()])),
             ping_rtt: per_side(|s| rtt.with_label_values(&[s.as_str()])),
             json_pings_answered: counter(&r, "wskeep_json_pings_answered_total", "JSON pings answered by wskeep"),
+            compressed_connections: counter(
+                &r,
+                "wskeep_compressed_connections_total",
+                "Proxied WebSocket connections that negotiated permessage-deflate",
+            ),
             upstream_connect: register(
                 &r,
                 Histogram::with_opts(
@@ -311,5 +326,6 @@ mod tests {
         assert!(text.contains("wskeep_config_reloads_total{result=\"invalid\"} 0"));
         assert!(text.contains("wskeep_proxy_protocol_failures_total{reason=\"untrusted\"} 0"));
         assert!(text.contains("process_resident_memory_bytes"));
+        assert!(text.contains("wskeep_websocket_upgrades_total{http_version=\"2\"} 0"), "{text}");
     }
 }

@@ -23,6 +23,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "listen.addr",
     "listen.max_connections",
     "listen.max_handshakes",
+    "listen.http2",
     "listen.tls_cert",
     "listen.tls_key",
     "admin.addr",
@@ -107,7 +108,7 @@ fn keep_restart_keys(running: &Config, next: &mut Config) -> Vec<&'static str> {
             }
         )*};
     }
-    keep!(listen.addr, listen.max_connections, listen.max_handshakes);
+    keep!(listen.addr, listen.max_connections, listen.max_handshakes, listen.http2);
     // Other certificate files are fine; switching TLS on or off changes what the listener is.
     if next.listen.tls_cert.is_some() != running.listen.tls_cert.is_some() {
         kept.extend(["listen.tls_cert", "listen.tls_key"]);

@@ -7,28 +7,29 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admission::{self, is_out_of_resources, HandshakePlace, Handshakes, ReserveTicket};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnMeta, Shared};
 use crate::reload::Reloader;
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, CLOSE_BOUND};
 use crate::tls::{self, CertResolver};
-use crate::vocab::UpgradeFailure;
+use crate::vocab::{HttpVersion, UpgradeFailure};
 
 /// Request heads larger than this get 431 (hyper's read buffer is capped at it).
 pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
@@ -80,7 +81,7 @@ impl Server {
                     "TLS certificate loaded"
                 );
                 let resolver = Arc::new(CertResolver::new(&pair, cert, key));
-                Some((TlsAcceptor::from(tls::server_config(resolver.clone())), resolver))
+                Some((TlsAcceptor::from(tls::server_config(resolver.clone(), config.listen.http2)), resolver))
             }
             _ => None,
         };
@@ -296,11 +297,18 @@ async fn serve_connection(
         None => Either::Right(tcp),
     };
 
+    let http2 = matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()));
+    let http_version = if http2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
     let place = Arc::new(place);
     let first_request = Arc::new(AtomicBool::new(false));
     let seen = first_request.clone();
+    let requests = Arc::new(AtomicU64::new(0));
+    let service_requests = requests.clone();
     let service_shared = shared.clone();
     let service_place = place.clone();
+    // HTTP/2: the connection's WebSocket streams, which end before its GOAWAY.
+    let websockets = TaskTracker::new();
+    let service_websockets = websockets.clone();
     // Decided at the first request, for the connection's life.
     let slot: Arc<OnceLock<Option<Arc<OwnedSemaphorePermit>>>> = Arc::default();
     let service = service_fn(move |req| {
@@ -308,12 +316,26 @@ async fn serve_connection(
             // The handshake is over: its place goes to another connection.
             service_place.leave();
         }
+        service_requests.fetch_add(1, Relaxed);
         let shared = service_shared.clone();
         let admitted = slot.get_or_init(|| match &admission {
             Admission::Slots(slots) => slots.clone().try_acquire_owned().ok().map(Arc::new),
             Admission::OutOfResources(_) => None,
         });
-        let admitted = admitted.as_ref().map(|permit| ConnMeta { peer, permit: permit.clone() });
+        let admitted = match (admitted, &admission) {
+            // Each WebSocket stream of an HTTP/2 connection opens an upstream connection of its
+            // own: it takes a slot of its own too, beside the connection's.
+            (Some(_), Admission::Slots(slots)) if http2 && proxy::is_websocket_connect(&req) => {
+                slots.clone().try_acquire_owned().ok().map(|permit| ConnMeta {
+                    peer,
+                    permit: Arc::new(permit),
+                    http_version,
+                    stream: Some(service_websockets.token()),
+                })
+            }
+            (Some(permit), _) => Some(ConnMeta { peer, permit: permit.clone(), http_version, stream: None }),
+            (None, _) => None,
+        };
         let refusal = match admission {
             Admission::Slots(_) => UpgradeFailure::Limit,
             Admission::OutOfResources(_) => UpgradeFailure::LocalLimit,
@@ -331,40 +353,140 @@ async fn serve_connection(
         }
     });
 
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).max_buf_size(MAX_REQUEST_HEAD);
-    if !idle_timeout.is_zero() {
-        // Covers both a keep-alive connection waiting for its next request and a slow head.
-        builder.header_read_timeout(idle_timeout);
+    let watch = Watch { shared: &shared, peer, place: &place, deadline, first_request: &first_request };
+    if http2 {
+        let max_streams = shared.settings().config.listen.http2_max_streams;
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            // Caps the streams, so their buffers below, of one connection.
+            .max_concurrent_streams(u32::try_from(max_streams).unwrap_or(u32::MAX))
+            .initial_stream_window_size(http2_limits::STREAM_WINDOW)
+            .initial_connection_window_size(http2_limits::CONNECTION_WINDOW)
+            .max_frame_size(http2_limits::MAX_FRAME)
+            .max_send_buf_size(http2_limits::STREAM_WINDOW as usize)
+            .max_header_list_size(MAX_REQUEST_HEAD as u32);
+        let conn = pin!(builder.serve_connection(TokioIo::new(io), service));
+        let idle = (!idle_timeout.is_zero()).then_some((idle_timeout, &*requests));
+        watch.run(conn, hyper::server::conn::http2::Connection::graceful_shutdown, Some((&websockets, idle))).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).max_buf_size(MAX_REQUEST_HEAD);
+        if !idle_timeout.is_zero() {
+            // Covers both a keep-alive connection waiting for its next request and a slow head.
+            builder.header_read_timeout(idle_timeout);
+        }
+        let conn = pin!(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
+        watch.run(conn, hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown, None).await;
     }
-    let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
-    let mut head_deadline = pin!(tokio::time::sleep_until(deadline));
-    let mut head_checked = false;
-    let mut draining = pin!(shared.drain.draining());
-    let mut drain_seen = false;
-    let mut closing = pin!(shared.drain.closing());
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                }
-                return;
+}
+
+/// The HTTP/2 settings that bound a connection's memory (README, "HTTP/2"): what a client may
+/// send on a stream before wskeep reads it, on all its streams together, and what hyper holds of
+/// what wskeep writes to a stream.
+mod http2_limits {
+    pub const STREAM_WINDOW: u32 = 128 * 1024;
+    pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
+    /// The smallest a peer must accept (RFC 9113 §6.5.2).
+    pub const MAX_FRAME: u32 = 16 * 1024;
+}
+
+/// What watches a connection while hyper serves it: the handshake deadline, the handshake place,
+/// the drain and the close phase.
+struct Watch<'a> {
+    shared: &'a Shared,
+    peer: SocketAddr,
+    place: &'a HandshakePlace,
+    deadline: Instant,
+    first_request: &'a AtomicBool,
+}
+
+/// An HTTP/2 connection's WebSocket streams and, with `listen.idle_timeout`, its request count.
+type Http2Watch<'a> = (&'a TaskTracker, Option<(Duration, &'a AtomicU64)>);
+
+impl Watch<'_> {
+    /// Drives `conn` to its end. On a drain, an HTTP/1.1 connection shuts down gracefully at once
+    /// (an upgraded one has left hyper already); an HTTP/2 connection sends its GOAWAY only once
+    /// its WebSocket streams have ended (each relay sends 1001 at the close phase), so that no
+    /// client sees a GOAWAY while its WebSocket is open, and it is held through the close phase
+    /// for them, within the close bound.
+    async fn run<C>(
+        self,
+        mut conn: std::pin::Pin<&mut C>,
+        graceful: fn(std::pin::Pin<&mut C>),
+        http2: Option<Http2Watch<'_>>,
+    ) where
+        C: std::future::Future<Output = hyper::Result<()>>,
+    {
+        let Watch { shared, peer, place, deadline, first_request } = self;
+        let mut head_deadline = pin!(tokio::time::sleep_until(deadline));
+        let mut head_checked = false;
+        let mut draining = pin!(shared.drain.draining());
+        let mut drain_seen = false;
+        let mut closing = pin!(shared.drain.closing());
+        let mut closing_seen = false;
+        let mut goaway_sent = false;
+        let websockets = http2.map(|(tracker, _)| tracker);
+        let mut websockets_done = pin!(async {
+            match websockets {
+                Some(tracker) => tracker.wait().await,
+                None => std::future::pending().await,
             }
-            _ = &mut head_deadline, if !head_checked => {
-                head_checked = true;
-                if !first_request.load(Relaxed) {
-                    tracing::debug!(%peer, "no request head within listen.handshake_timeout");
+        });
+        let idle = http2.and_then(|(_, idle)| idle);
+        let mut idle_tick = tokio::time::interval(idle.map_or(Duration::from_secs(3600), |(timeout, _)| timeout));
+        idle_tick.reset();
+        let mut requests_seen = 0;
+        let mut close_bound = pin!(tokio::time::sleep(Duration::ZERO));
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    }
                     return;
                 }
+                _ = &mut head_deadline, if !head_checked => {
+                    head_checked = true;
+                    if !first_request.load(Relaxed) {
+                        tracing::debug!(%peer, "no request head within listen.handshake_timeout");
+                        return;
+                    }
+                }
+                // Only a connection before its first request has a place a newer one can take.
+                _ = place.dropped() => return,
+                _ = &mut draining, if !drain_seen => {
+                    drain_seen = true;
+                    match websockets {
+                        // Closed, it is waited for: GOAWAY follows its last stream.
+                        Some(tracker) => { tracker.close(); }
+                        None => graceful(conn.as_mut()),
+                    }
+                }
+                _ = &mut websockets_done, if drain_seen && !goaway_sent => {
+                    goaway_sent = true;
+                    graceful(conn.as_mut());
+                }
+                // An HTTP/2 connection with no WebSocket and no new request for the idle timeout.
+                _ = idle_tick.tick(), if idle.is_some() && !goaway_sent => {
+                    let requests = idle.map_or(0, |(_, count)| count.load(Relaxed));
+                    if requests == requests_seen && websockets.is_some_and(TaskTracker::is_empty) {
+                        goaway_sent = true;
+                        graceful(conn.as_mut());
+                    }
+                    requests_seen = requests;
+                }
+                _ = &mut closing, if !closing_seen => {
+                    if websockets.is_none() {
+                        return;
+                    }
+                    // The relays on this connection's streams are sending their 1001 now.
+                    closing_seen = true;
+                    close_bound.as_mut().reset(Instant::now() + CLOSE_BOUND);
+                }
+                _ = &mut close_bound, if closing_seen => return,
             }
-            // Only a connection before its first request has a place a newer one can take.
-            _ = place.dropped() => return,
-            _ = &mut draining, if !drain_seen => {
-                drain_seen = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = &mut closing => return,
         }
     }
 }
@@ -400,13 +522,16 @@ fn refuse<B>(req: &hyper::Request<B>, shared: &Shared, reason: UpgradeFailure) -
         UpgradeFailure::LocalLimit => ("out of file descriptors at accept", "wskeep is out of local resources\n"),
         _ => ("listen.max_connections reached", "too many connections\n"),
     };
-    if proxy::headers::wants_websocket(req.headers()) {
+    if proxy::headers::wants_websocket(req.headers()) || proxy::is_websocket_connect(req) {
         shared.metrics.upgrade_failed(reason);
         crate::telemetry::upgrade_failure(reason, detail);
     } else {
         shared.metrics.http_request(hyper::StatusCode::SERVICE_UNAVAILABLE);
     }
     let mut response = proxy::text(hyper::StatusCode::SERVICE_UNAVAILABLE, body);
-    response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    if req.version() < hyper::Version::HTTP_2 {
+        // HTTP/2 has no Connection header: a stream is refused, the connection stays.
+        response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    }
     response
 }

@@ -155,15 +155,16 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-/// Builds the rustls configuration: TLS 1.2 and 1.3, ALPN `http/1.1`, the resolver's pair.
-pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
+/// Builds the rustls configuration: TLS 1.2 and 1.3, ALPN `h2` (with `http2`) and `http/1.1`,
+/// the resolver's pair.
+pub fn server_config(resolver: Arc<CertResolver>, http2: bool) -> Arc<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         // The ring provider supports both versions: this cannot fail.
         .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
     // Resumption tickets would need a key rotation story; a per-process session cache is enough.
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     Arc::new(config)

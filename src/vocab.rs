@@ -35,6 +35,25 @@ impl Side {
     }
 }
 
+/// The HTTP version a WebSocket came over: 1.1 (an upgraded TCP connection) or 2 (a stream of an
+/// HTTP/2 connection, RFC 8441). The `http_version` label and log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1 = 0,
+    Http2 = 1,
+}
+
+impl HttpVersion {
+    pub const ALL: [HttpVersion; 2] = [HttpVersion::Http1, HttpVersion::Http2];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "1.1",
+            HttpVersion::Http2 => "2",
+        }
+    }
+}
+
 /// How a proxied connection ended: the `end` label (DESIGN.md, Endings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {

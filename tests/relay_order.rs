@@ -176,7 +176,9 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
         id: 1,
         peer: SocketAddr::from(([127, 0, 0, 1], 1)),
         path: "/".into(),
+        http_version: wskeep::vocab::HttpVersion::Http1,
         started: Instant::now(),
+        deflate: false,
         legs: Default::default(),
     };
     let closing = CancellationToken::new();

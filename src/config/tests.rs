@@ -275,3 +275,14 @@ fn the_probe_path_is_off_or_a_plain_path() {
         assert_eq!(problems(&text), ["listen.probe_path"], "{bad}");
     }
 }
+
+#[test]
+fn http2_streams_per_connection_are_bounded() {
+    for bad in ["0", "1001"] {
+        assert_eq!(problems(&format!("[listen]\nhttp2_max_streams = {bad}\n")), ["listen.http2_max_streams"]);
+    }
+    assert!(problems("[listen]\nhttp2 = false\nhttp2_max_streams = 1000\n").is_empty());
+    let config = Config::from_toml("").unwrap();
+    assert!(config.listen.http2, "HTTP/2 is on by default");
+    assert_eq!(config.listen.http2_max_streams, 100);
+}

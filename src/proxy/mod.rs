@@ -2,6 +2,7 @@
 //! reverse-proxied by `http`. Both forward headers the same way (`headers`), and both pass the
 //! same request rules first (`headers::check_request`: 405 for `CONNECT`, 400 for a bad `Host`).
 
+pub mod deflate;
 pub mod headers;
 pub mod http;
 pub(crate) mod lone_leg;
@@ -19,6 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::Config;
 use crate::connections::Connections;
@@ -26,6 +28,7 @@ use crate::endings::Endings;
 use crate::metrics::Metrics;
 use crate::relay::RelaySettings;
 use crate::shutdown::Drain;
+use crate::vocab::HttpVersion;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -102,12 +105,36 @@ impl Shared {
 #[derive(Clone)]
 pub struct ConnMeta {
     pub peer: SocketAddr,
-    /// The listener slot of this TCP connection; a relay keeps it for as long as it lives.
+    /// The listener slot a relay keeps for as long as it lives: its TCP connection's over
+    /// HTTP/1.1, a slot of its own for a WebSocket stream of an HTTP/2 connection.
     pub permit: Arc<OwnedSemaphorePermit>,
+    pub http_version: HttpVersion,
+    /// A WebSocket stream of an HTTP/2 connection: the connection sends its GOAWAY only once
+    /// every such token is dropped (the relay has sent its 1001 and ended).
+    pub stream: Option<TaskTrackerToken>,
 }
 
-pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta) -> Result<Response<Body>, Infallible> {
-    if let Err(bad) = headers::check_request(req.method(), req.version(), req.headers()) {
+/// Whether the request is an HTTP/2 extended CONNECT for a WebSocket (RFC 8441 §4).
+pub fn is_websocket_connect<B>(req: &Request<B>) -> bool {
+    req.method() == hyper::Method::CONNECT
+        && req.extensions().get::<hyper::ext::Protocol>().is_some_and(|p| p.as_str() == "websocket")
+}
+
+pub async fn handle(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    meta: ConnMeta,
+) -> Result<Response<Body>, Infallible> {
+    let websocket_connect = is_websocket_connect(&req);
+    if req.version() == hyper::Version::HTTP_2 && !req.headers().contains_key(hyper::header::HOST) {
+        // HTTP/2's :authority is HTTP/1.1's Host, for the forwarding headers (RFC 9113 §8.3.1).
+        if let Some(authority) = req.uri().authority().and_then(|a| a.as_str().parse().ok()) {
+            req.headers_mut().insert(hyper::header::HOST, authority);
+        }
+    }
+    // An extended CONNECT is a WebSocket handshake, held to the rules of a GET.
+    let method = if websocket_connect { &hyper::Method::GET } else { req.method() };
+    if let Err(bad) = headers::check_request(method, req.version(), req.headers()) {
         return Ok(refuse_request(&req, &shared, bad));
     }
     let settings = shared.settings();
@@ -115,7 +142,7 @@ pub async fn handle(req: Request<Incoming>, shared: Arc<Shared>, meta: ConnMeta)
         shared.metrics.http_request(page.status());
         return Ok(page.map(|body| body.map_err(|never| match never {}).boxed()));
     }
-    if headers::wants_websocket(req.headers()) {
+    if websocket_connect || headers::wants_websocket(req.headers()) {
         Ok(ws::upgrade(req, shared, settings, meta).await)
     } else {
         let response = http::forward(req, &shared, &settings, meta.peer).await;

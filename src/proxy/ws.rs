@@ -19,13 +19,13 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::upstream::{self, ConnectError, UpstreamIo};
-use super::{headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
+use super::{deflate, headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
 use crate::admission::is_out_of_resources;
 use crate::legstream::LegStream;
 use crate::relay::session::{self, SessionContext};
 use crate::relay::{self, Outcome, RelaySettings};
 use crate::resume::{self, Ask, Facts, Failure, Resumption};
-use crate::vocab::{End, Side, UpgradeFailure};
+use crate::vocab::{End, HttpVersion, Side, UpgradeFailure};
 
 /// Why the upstream leg could not be opened, and what the client is told.
 enum UpstreamFailure {
@@ -46,8 +46,13 @@ pub async fn upgrade(
     meta: ConnMeta,
 ) -> Response<Body> {
     let metrics = &shared.metrics;
-    let client_key = match headers::validate_upgrade(req.method(), req.version(), req.headers()) {
-        Ok(key) => key.to_string(),
+    let checked = match meta.http_version {
+        HttpVersion::Http1 => headers::validate_upgrade(req.method(), req.version(), req.headers()).map(Some),
+        HttpVersion::Http2 => validate_connect(req.headers()).map(|()| None),
+    };
+    // The client's key on HTTP/1.1; HTTP/2 has none (RFC 8441 §5).
+    let client_key = match checked {
+        Ok(key) => key.map(str::to_string),
         Err(bad) => {
             metrics.upgrade_failed(UpgradeFailure::BadRequest);
             crate::telemetry::upgrade_failure(UpgradeFailure::BadRequest, bad.reason.trim_end());
@@ -66,35 +71,48 @@ pub async fn upgrade(
     let resume = &settings.config.resume;
     let ask = if resume.enabled { resume::request::ask(req.uri().query()) } else { None };
     if let Some(Ask::Resume { token, received }) = ask {
-        return resume_session(&mut req, &client_key, &offered, token, received, &shared, &settings);
+        return resume_session(&mut req, client_key.as_deref(), &offered, token, received, &shared, &settings);
+    }
+    let mut deflate_offers =
+        if settings.config.compression.enabled { deflate::client_offers(req.headers()) } else { Vec::new() };
+    if ask == Some(Ask::New) {
+        // A replayed message must decode alone on the new connection (docs/resume.md).
+        deflate_offers.iter_mut().for_each(|o| o.server_no_context_takeover = true);
     }
     let started = Instant::now();
-    let (upstream_response, upstream_upgrade) = match open_upstream(&req, &shared, &settings, &meta, &offered).await {
+    let upstream = open_upstream(&req, &shared, &settings, &meta, &offered, &deflate_offers).await;
+    let (upstream_response, upstream_upgrade, deflate) = match upstream {
         Ok(ok) => ok,
         Err(failure) => return refuse(failure, &shared),
     };
     metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
 
-    // The client's 101: its own accept key, the upstream's choice of subprotocol, and the
-    // upstream's other end-to-end headers (cookies, for instance).
+    // The client's 101 (HTTP/2: 200): the upstream's choice of subprotocol and its other
+    // end-to-end headers (cookies, for instance), and on HTTP/1.1 the client's own accept key.
     let mut response = Response::new(Body::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let mut upstream_headers = upstream_response.headers().clone();
     headers::strip_response(&mut upstream_headers, true);
     *response.headers_mut() = upstream_headers;
-    let h = response.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    // The key passed validation (base64 characters only), so the derived value is a valid header.
-    let accept = derive_accept_key(client_key.as_bytes());
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    if let Some(client_key) = client_key {
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        // The key passed validation (base64 characters only), so the derived value is a valid header.
+        let accept = derive_accept_key(client_key.as_bytes());
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    }
+    if let Some(agreed) = &deflate {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
+        metrics.compressed_connections.inc();
+    }
 
     let session = (ask == Some(Ask::New)).then(|| SessionContext {
         registry: shared.sessions.clone(),
         facts: Arc::new(Facts {
             binding: binding(&req, &shared, &settings),
-            protocol: h.get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
-            extensions: h.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
+            protocol: response.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
+            extensions: response.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
         }),
         connections: shared.connections.clone(),
         grace: resume.grace,
@@ -106,7 +124,8 @@ pub async fn upgrade(
     let task_shared = shared.clone();
     let relay_settings = settings.relay.clone();
     shared.drain.spawn(async move {
-        relay_task(client_upgrade, upstream_upgrade, task_shared, relay_settings, meta, path, session).await;
+        let legs = Legs { client: client_upgrade, upstream: upstream_upgrade, deflate: deflate.is_some() };
+        relay_task(legs, task_shared, relay_settings, meta, path, session).await;
     });
     response
 }
@@ -122,7 +141,7 @@ fn binding(req: &Request<Incoming>, shared: &Shared, settings: &Settings) -> [u8
 /// session's task gets the new leg, or the client gets 4410 (docs/resume.md).
 fn resume_session(
     req: &mut Request<Incoming>,
-    client_key: &str,
+    client_key: Option<&str>,
     offered: &[String],
     token: Option<resume::token::Token>,
     received: Option<u64>,
@@ -137,13 +156,25 @@ fn resume_session(
         (Some(_), None) => Err(Failure::BadCount),
         (None, _) => Err(Failure::BadToken),
     };
+    // A compressed session's replay is compressed: the new offer must include compression.
+    let claim = claim.and_then(|(claim, received)| {
+        let compressed = claim.facts.extensions.is_some();
+        if compressed && deflate::client_offers(req.headers()).is_empty() {
+            return Err(Failure::CredentialMismatch);
+        }
+        Ok((claim, received))
+    });
+    // HTTP/1.1: 101 with the accept key; HTTP/2: 200 (RFC 8441 §5).
     let mut response = Response::new(Body::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    if let Some(client_key) = client_key {
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let accept = derive_accept_key(client_key.as_bytes());
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    }
     let h = response.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let accept = derive_accept_key(client_key.as_bytes());
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
     match &claim {
         Ok((claim, _)) => {
             if let Some(protocol) = &claim.facts.protocol {
@@ -191,14 +222,43 @@ fn resume_session(
     response
 }
 
-/// Connects to the upstream and asks it for the same WebSocket; `Ok` only on a checked 101.
+/// Checks an HTTP/2 extended CONNECT for a WebSocket (RFC 8441 §5): version 13 (else 426, as
+/// RFC 6455 §4.4 answers on HTTP/1.1), no body.
+fn validate_connect(headers: &hyper::HeaderMap) -> Result<(), headers::BadUpgrade> {
+    let versions: Vec<_> = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter().collect();
+    if versions.len() != 1 || versions[0] != "13" {
+        return Err(headers::BadUpgrade {
+            status: StatusCode::UPGRADE_REQUIRED,
+            reason: "unsupported Sec-WebSocket-Version (13 is supported)\n",
+        });
+    }
+    let empty = |v: &HeaderValue| v.to_str().is_ok_and(|v| v.trim().parse::<u64>() == Ok(0));
+    if !headers.get_all(header::CONTENT_LENGTH).iter().all(empty) {
+        return Err(headers::BadUpgrade {
+            status: StatusCode::BAD_REQUEST,
+            reason: "a WebSocket CONNECT must not have a body (Content-Length)\n",
+        });
+    }
+    Ok(())
+}
+
+/// The two legs' upgrades, and whether messages may be compressed.
+struct Legs {
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    deflate: bool,
+}
+
+/// Connects to the upstream and asks it for the same WebSocket; `Ok` only on a checked 101,
+/// with the permessage-deflate parameters it agreed to.
 async fn open_upstream(
     req: &Request<Incoming>,
     shared: &Shared,
     settings: &Settings,
     meta: &ConnMeta,
     offered: &[String],
-) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
+    deflate_offers: &[deflate::Params],
+) -> Result<(Response<Incoming>, OnUpgrade, Option<deflate::Params>), UpstreamFailure> {
     let upstream = &settings.config.upstream;
     let io = match upstream::connect(&upstream::Target::of(upstream), upstream.connect_timeout).await {
         Ok(io) => io,
@@ -229,6 +289,9 @@ async fn open_upstream(
     forwarded.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     forwarded.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
     forwarded.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_str(&key).expect("base64 is a header value"));
+    if let Some(offer) = deflate::offer_header(deflate_offers) {
+        forwarded.insert(header::SEC_WEBSOCKET_EXTENSIONS, offer);
+    }
     *upstream_req.headers_mut() = forwarded;
 
     let mut response = match tokio::time::timeout(upstream.response_timeout, sender.send_request(upstream_req)).await {
@@ -240,8 +303,9 @@ async fn open_upstream(
         return Err(UpstreamFailure::Refused(response));
     }
     headers::check_upgrade_response(response.headers(), &key, offered).map_err(UpstreamFailure::BadHandshake)?;
+    let agreed = deflate::agreed(response.headers(), deflate_offers).map_err(UpstreamFailure::BadHandshake)?;
     let upgrade = hyper::upgrade::on(&mut response);
-    Ok((response, upgrade))
+    Ok((response, upgrade, agreed))
 }
 
 /// Starts HTTP/1.1 on a fresh upstream connection; the connection task ends at the upgrade, or
@@ -290,8 +354,7 @@ fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
 /// Waits for both upgrades, relays under the settings the upgrade started with, and reports the
 /// ending.
 async fn relay_task(
-    client: OnUpgrade,
-    upstream: OnUpgrade,
+    Legs { client, upstream, deflate }: Legs,
     shared: Arc<Shared>,
     settings: Arc<RelaySettings>,
     meta: ConnMeta,
@@ -315,8 +378,9 @@ async fn relay_task(
 
     let metrics = &shared.metrics;
     metrics.connections_total.inc();
+    metrics.websocket_upgrades[meta.http_version as usize].inc();
     metrics.connections_active.inc();
-    let guard = shared.connections.open(meta.peer, path);
+    let guard = shared.connections.open_over(meta.peer, path, meta.http_version, deflate);
     let conn = &guard.info;
     let closing = shared.drain.closing_token();
     let outcome = match session {
@@ -355,7 +419,7 @@ async fn close_lone_leg(
             (End::UpstreamError, Some(Side::Upstream), Some((Side::Client, client)), 1014, "upstream connection lost")
         }
     };
-    let guard = shared.connections.open(meta.peer, path);
+    let guard = shared.connections.open_over(meta.peer, path, meta.http_version, false);
     let mut codes = [(None, None); 2];
     if let Some(side) = lost {
         // That leg ended without a close frame.

@@ -105,12 +105,12 @@ struct Leg {
 }
 
 impl Leg {
-    fn new(side: Side, io: LegStream, max_message_size: u64) -> Leg {
+    fn new(side: Side, io: LegStream, max_message_size: u64, deflate: bool) -> Leg {
         let from_client = side == Side::Client;
         Leg {
             side,
             io,
-            reader: FrameReader::new(from_client, max_message_size),
+            reader: FrameReader::new(from_client, max_message_size).with_deflate(deflate),
             out: Outbox::new(!from_client),
             in_transit: FrameInTransit::default(),
         }
@@ -173,9 +173,9 @@ struct Relay<'a, S> {
 
 impl<'a, S: Hooks> Relay<'a, S> {
     fn new(client: LegStream, upstream: LegStream, env: ConnEnv<'a>, shutdown: ShutdownWatch<'a>, hooks: S) -> Self {
-        let max = env.settings.max_message_size;
+        let (max, deflate) = (env.settings.max_message_size, env.conn.deflate);
         Relay {
-            legs: [Leg::new(Side::Client, client, max), Leg::new(Side::Upstream, upstream, max)],
+            legs: [Leg::new(Side::Client, client, max, deflate), Leg::new(Side::Upstream, upstream, max, deflate)],
             keepalive: keepalive_of(env.settings, false),
             env,
             shutdown,

@@ -129,9 +129,8 @@ impl Session {
         }
     }
 
-    /// A control message from the client (its `ack`).
-    pub(super) fn client_control(&mut self, message: &[u8]) -> Result<(), BadCount> {
-        let received = control::parse_client(message).ok_or(BadCount)?;
+    /// The client's ack: it received `received` messages.
+    pub(super) fn client_ack(&mut self, received: u64) -> Result<(), BadCount> {
         self.replay.ack(received)
     }
 
@@ -345,7 +344,7 @@ impl Relay<'_, Session> {
     fn detach(&mut self) {
         let client = &mut self.legs[0];
         client.io = LegStream::new(Parked);
-        client.reader = FrameReader::new(true, self.env.settings.max_message_size);
+        client.reader = FrameReader::new(true, self.env.settings.max_message_size).with_deflate(self.env.conn.deflate);
         client.in_transit = FrameInTransit::default();
         // A client frame that never fully arrived is not sent upstream.
         self.legs[1].out.drop_partial();
@@ -371,7 +370,7 @@ impl Relay<'_, Session> {
                 crate::proxy::lone_leg::close(old, Side::Client, REPLACED.0, REPLACED.1).await;
             });
         }
-        client.reader = FrameReader::new(true, self.env.settings.max_message_size);
+        client.reader = FrameReader::new(true, self.env.settings.max_message_size).with_deflate(self.env.conn.deflate);
         client.in_transit = FrameInTransit::default();
         self.legs[1].out.drop_partial();
         let session = &mut self.hooks;

@@ -15,6 +15,7 @@ use super::outbox::Outbox;
 use super::session::Hooks;
 use super::{ConnEnv, Leg, SCRATCH};
 use crate::frame::{self, Control, DataFrame, FrameReader, Kind, Step, Utf8Check, Violation};
+use crate::inflate;
 use crate::keepalive::Keepalive;
 use crate::resume::control;
 use crate::vocab::Side;
@@ -169,6 +170,36 @@ fn read_frames<S: Hooks>(
     Ok(())
 }
 
+enum ControlMessage {
+    /// Not in the reserved prefix.
+    None,
+    /// In the prefix, and an ack of this count.
+    Some(u64),
+    /// In the prefix, and not a control message wskeep knows (or fragmented).
+    Bad,
+}
+
+/// What the first frame of a text message on a resumable session is. A compressed one is looked
+/// into only if it is a whole message small enough to inflate alone (`inflate::small_text`):
+/// a larger one cannot be an ack, and is relayed.
+fn control_message(payload: &[u8], compressed: bool, whole: bool) -> ControlMessage {
+    let read = |text: &[u8]| match control::parse_client(text) {
+        Some(ack) if whole => ControlMessage::Some(ack),
+        _ => ControlMessage::Bad,
+    };
+    if compressed {
+        let found = whole.then(|| {
+            inflate::small_text(payload, |t| control::claims_prefix(t.as_bytes(), true).then(|| read(t.as_bytes())))
+        });
+        return found.flatten().unwrap_or(ControlMessage::None);
+    }
+    if control::claims_prefix(payload, whole) {
+        read(payload)
+    } else {
+        ControlMessage::None
+    }
+}
+
 /// Copies a piece of a data frame into `out`; once the frame is whole, checks it and makes it
 /// writable (or, for a JSON ping that is not forwarded, drops it after answering on `back`).
 #[allow(clippy::too_many_arguments)]
@@ -209,13 +240,18 @@ fn carry_piece<S: Hooks>(
     let payload_at = out.committed + in_transit.head_len;
     if let Some(session) = hooks.session() {
         // A resumable session's control messages, and its count of the client's messages.
-        if frame.kind == Kind::Text && frame.first && control::claims_prefix(&out.buf[payload_at..], frame.fin) {
-            if from == Side::Upstream || !frame.fin {
-                return Err(if from == Side::Upstream { RESERVED_PREFIX } else { BAD_CONTROL });
+        if frame.kind == Kind::Text && frame.first {
+            let payload = &out.buf[payload_at..];
+            match control_message(payload, frame.compressed, frame.fin) {
+                ControlMessage::None => {}
+                ControlMessage::Some(_) | ControlMessage::Bad if from == Side::Upstream => return Err(RESERVED_PREFIX),
+                ControlMessage::Bad => return Err(BAD_CONTROL),
+                ControlMessage::Some(ack) => {
+                    session.client_ack(ack).map_err(|_| BAD_CONTROL)?;
+                    out.drop_partial();
+                    return Ok(());
+                }
             }
-            session.client_control(&out.buf[payload_at..]).map_err(|_| BAD_CONTROL)?;
-            out.drop_partial();
-            return Ok(());
         }
         if from == Side::Client && frame.fin {
             session.from_client += 1;
@@ -226,15 +262,20 @@ fn carry_piece<S: Hooks>(
         if frame.first {
             in_transit.utf8 = Utf8Check::default();
         }
-        let text = if frame.first && frame.fin {
-            Some(std::str::from_utf8(payload).map_err(|_| Violation::INVALID_UTF8)?)
+        // A JSON ping is a whole text message from the client (browsers never fragment one).
+        let matcher = env.settings.json_ping.as_deref().filter(|_| from == Side::Client);
+        let reply = if frame.compressed {
+            // Its UTF-8 is the endpoints' to check; only a candidate ping is inflated.
+            let whole = frame.first && frame.fin;
+            matcher.filter(|_| whole).and_then(|m| inflate::small_text(payload, |text| m.answer(text)))
+        } else if frame.first && frame.fin {
+            let text = std::str::from_utf8(payload).map_err(|_| Violation::INVALID_UTF8)?;
+            matcher.and_then(|m| m.answer(text))
         } else {
             in_transit.utf8.check(payload, frame.fin).map_err(|_| Violation::INVALID_UTF8)?;
             None
         };
-        // A JSON ping is a whole text message from the client (browsers never fragment one).
-        let matcher = env.settings.json_ping.as_deref().filter(|_| from == Side::Client);
-        if let Some((matcher, reply)) = matcher.and_then(|m| Some((m, m.answer(text?)?))) {
+        if let (Some(matcher), Some(reply)) = (matcher, reply) {
             let goes_now = back.data_goes_now();
             if back.push_frame(frame::OP_TEXT, reply.as_bytes()) {
                 env.metrics.json_pings_answered.inc();

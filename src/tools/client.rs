@@ -91,6 +91,8 @@ pub struct Connection {
     pub writer: OutgoingFrames<WriteHalf<Box<dyn Io>>>,
     /// The subprotocol the server chose.
     pub protocol: Option<String>,
+    /// The extensions the server agreed to (`Sec-WebSocket-Extensions`).
+    pub extensions: Option<String>,
 }
 
 /// Connects, upgrades, and returns the framed connection.
@@ -156,7 +158,7 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
     io.flush().await?;
 
     let mut buf = BytesMut::with_capacity(1024);
-    let (status, accept, protocol, head_len, content_length) = loop {
+    let (status, accept, protocol, extensions, head_len, content_length) = loop {
         if io.read_buf(&mut buf).await? == 0 {
             return Err(ClientError::Handshake("connection closed during the handshake".into()));
         }
@@ -176,6 +178,7 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
                     response.code.unwrap_or(0),
                     find("sec-websocket-accept"),
                     find("sec-websocket-protocol"),
+                    find("sec-websocket-extensions"),
                     len,
                     length,
                 );
@@ -210,6 +213,7 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
         },
         writer: OutgoingFrames { io: write, buf: BytesMut::with_capacity(256) },
         protocol,
+        extensions,
     })
 }
 
