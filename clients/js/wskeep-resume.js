@@ -114,6 +114,7 @@ export class WskeepSocket extends EventTarget {
       throw new TypeError("wskeep-resume: no WebSocket here (Node >= 22, or pass options.WebSocket)");
     }
     this._url = resolveUrl(url);
+    this._origin = new URL(this._url).origin;
     this._protocols = typeof protocols === "string" ? [protocols] : [...protocols];
     this._minDelayMs = options.minDelayMs ?? 100;
     this._maxDelayMs = options.maxDelayMs ?? 5000;
@@ -280,7 +281,7 @@ export class WskeepSocket extends EventTarget {
       this._unackedBytes += sizeOf(data);
       if (this._received - this._ackedReceived >= ACK_MESSAGES || this._unackedBytes >= ACK_BYTES) this._ack();
     }
-    if (this._readyState === OPEN) this.dispatchEvent(messageEvent(data, new URL(this._url).origin));
+    if (this._readyState === OPEN) this.dispatchEvent(messageEvent(data, this._origin));
   }
 
   /** @param {WebSocket} ws @param {string[]} control the verb and its fields */
