@@ -13,6 +13,8 @@ const ACK_BYTES = 64 * 1024;
 const ACK_INTERVAL_MS = 1000;
 /** wskeep's close code for a token it cannot resume: start a fresh session. */
 const NOT_RESUMABLE = 4410;
+/** How long close() waits for the closing handshake (wskeep bounds its own by 2 s too). */
+const CLOSE_BOUND_MS = 2000;
 
 const CONNECTING = 0;
 const OPEN = 1;
@@ -135,6 +137,7 @@ export class WskeepSocket extends EventTarget {
     this._attempt = 0;
     this._resets = 0; // fresh sessions started since the last one worked
     this._retryTimer = null;
+    this._closeTimer = null;
     this._ackTimer = null;
     this._sessionTimer = null;
     for (const type of ["open", "message", "close", "error", "resumed", "reset"]) {
@@ -192,10 +195,14 @@ export class WskeepSocket extends EventTarget {
     this._readyState = CLOSING;
     clearTimeout(this._retryTimer);
     this._stopTimers();
-    if (this._ws && this._ws.readyState <= OPEN) {
-      this._ws.close(code, reason); // its close event finishes ours
+    const ws = this._ws;
+    if (ws && ws.readyState === OPEN) {
+      ws.close(code, reason); // its close event finishes ours, within the bound wskeep keeps too
+      this._closeTimer = setTimeout(() => this._ws === ws && (this._drop(ws), this._finish(1006, "", false)), CLOSE_BOUND_MS);
     } else {
-      this._drop(this._ws);
+      // In a gap, or while a reconnect is still connecting: nobody to tell.
+      this._drop(ws);
+      try { ws?.close(); } catch { /* already closing */ }
       queueMicrotask(() => this._finish(1006, "", false));
     }
   }
@@ -469,6 +476,7 @@ export class WskeepSocket extends EventTarget {
   _finish(code, reason, wasClean) {
     if (this._readyState === CLOSED) return;
     clearTimeout(this._retryTimer);
+    clearTimeout(this._closeTimer);
     this._stopTimers();
     this._readyState = CLOSED;
     this._kept = [];

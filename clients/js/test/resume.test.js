@@ -219,6 +219,33 @@ test("with resume off in wskeep the shim is a plain WebSocket: sends go at once,
   assert.deepEqual([seen.closes, seen.errors, relay.accepted], [[1006], 1, 1], "no reconnect");
 });
 
+test("close() in a gap ends the socket at once and stops reconnecting; on a dead path it ends within its bound", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startWskeep(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const first = client(relay.port, "");
+  await eventually(() => first.ws.resumable, 5000, "session");
+  await relay.stop();
+  first.ws.close(1000);
+  await eventually(() => first.seen.closes.length === 1, 1000, "close in the gap");
+  assert.deepEqual(first.seen.closes, [1006]);
+  await relay.start();
+  const accepted = relay.accepted;
+  // A second socket opens through the relay: the closed one would have reconnected by then too.
+  const second = client(relay.port, "");
+  await eventually(() => second.ws.resumable, 5000, "session");
+  assert.equal(relay.accepted, accepted + 1, "the closed socket never reconnected");
+  relay.freeze();
+  const asked = Date.now();
+  second.ws.close(1000);
+  await eventually(() => second.seen.closes.length === 1, 5000, "close on a dead path");
+  assert.ok(Date.now() - asked < 3000, `closed within the bound (${Date.now() - asked} ms)`);
+  assert.equal(second.ws.readyState, WskeepSocket.CLOSED);
+});
+
 test("a close frame from the server ends the socket as it would a WebSocket (no reconnect)", async () => {
   const upstream = await startUpstream();
   after(() => upstream.close());
