@@ -2,7 +2,8 @@
 // page that uses the shim through a TCP relay to the real wskeep ($WSKEEP_BIN) in front of a
 // legacy upstream that knows nothing of resume. Both sides send numbered messages at 50/s while
 // the test kills the relay three times (the browser's connection dies without a close frame;
-// each gap far shorter than the grace): every message arrives once and in order on both sides,
+// each gap far shorter than the grace), then freezes it once (a path that dies silently, which
+// only the shim's missing acks reveal): every message arrives once and in order on both sides,
 // and the upstream saw one connection and no close. tests/js_client.rs runs it.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
@@ -21,6 +22,8 @@ const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const SHIM = join(dirname(fileURLToPath(import.meta.url)), "../../wskeep-resume.js");
 const N = 300; // 6 s at 50/s each way
 const EVERY_MS = 20;
+/** The shim's ackTimeoutMs: well above wskeep's 1 s ack cadence. */
+const ACK_TIMEOUT_MS = 3000;
 
 const PAGE = `<!doctype html>
 <html><head><meta charset="utf-8"><title>wskeep resume proof</title>
@@ -32,7 +35,7 @@ import { WskeepSocket } from "/wskeep-resume.js";
 const params = new URLSearchParams(location.search);
 const n = Number(params.get("n")), every = Number(params.get("every"));
 const r = { received: [], sent: 0, opens: 0, closes: [], errors: 0, resumed: [], resets: [], notOpen: 0 };
-const ws = new WskeepSocket(params.get("ws"));
+const ws = new WskeepSocket(params.get("ws"), [], { ackTimeoutMs: Number(params.get("ack_timeout")) });
 ws.onopen = () => {
   r.opens += 1;
   const timer = setInterval(() => {
@@ -110,7 +113,8 @@ test("Chromium through three cuts of its path: every message once and in order b
   const page = await servePage((r) => { result = r; });
   after(() => page.close());
   const wsUrl = `ws://127.0.0.1:${relay.port}/agent?count=${N}&every=${EVERY_MS}`;
-  const url = `http://127.0.0.1:${page.port}/?n=${N}&every=${EVERY_MS}&ws=${encodeURIComponent(wsUrl)}`;
+  const url = `http://127.0.0.1:${page.port}/?n=${N}&every=${EVERY_MS}&ack_timeout=${ACK_TIMEOUT_MS}`
+    + `&ws=${encodeURIComponent(wsUrl)}`;
   const browser = launchChromium(url);
   after(() => browser.stop());
   const from = () => `\nchromium:\n${browser.log()}\nwskeep:\n${wskeep.log()}`;
@@ -118,7 +122,7 @@ test("Chromium through three cuts of its path: every message once and in order b
     throw new Error(e.message + from());
   });
   const session = upstream.connections[0];
-  for (const at of [N / 4, N / 2, (3 * N) / 4]) {
+  for (const at of [60, 120, 180]) {
     await upstream.until(() => session.received.length >= at, 10000, `${at} page messages`);
     assert.equal(result?.pageError, undefined, JSON.stringify(result));
     await relay.stop();
@@ -128,6 +132,15 @@ test("Chromium through three cuts of its path: every message once and in order b
     await relay.start();
     await upstream.until(() => session.received.length >= c + 10, 10000, "page sends after the gap");
   }
+  // The silent drop: the path stops carrying anything but never closes. The shim notices that
+  // wskeep stopped acknowledging, and resumes on a new connection; the old path then comes back
+  // to life with what it held, which neither side may take twice.
+  await upstream.until(() => session.received.length >= 200, 10000, "200 page messages");
+  const accepted = relay.accepted;
+  relay.freeze();
+  await upstream.until(() => relay.accepted > accepted && session.received.length >= 220, 15000, "the resume after the silent drop")
+    .catch((e) => { throw new Error(e.message + from()); });
+  relay.thaw();
   await eventually(() => result !== null && session.received.length >= N, 15000, "every message both ways").catch((e) => {
     throw new Error(`${e.message}: page ${JSON.stringify(result)}, upstream got ${session.received.length}${from()}`);
   });
@@ -136,10 +149,11 @@ test("Chromium through three cuts of its path: every message once and in order b
   assert.deepEqual(session.received, numbered("c", N), "the upstream got every page message once, in order");
   assert.equal(upstream.connections.length, 1, "the upstream saw one connection");
   assert.equal(session.close, undefined, "the upstream saw no close");
-  assert.equal(result.resumed.length, 3, `three resumes: ${JSON.stringify(result.resumed)}`);
-  assert.ok(relay.accepted >= 4, `the browser reconnected through the relay (${relay.accepted})`);
+  assert.equal(result.resumed.length, 4, `four resumes: ${JSON.stringify(result.resumed)}`);
+  assert.ok(relay.accepted >= 5, `the browser reconnected through the relay (${relay.accepted})`);
   assert.deepEqual([result.opens, result.closes, result.errors, result.resets.length, result.notOpen], [1, [], 0, 0, 0],
     JSON.stringify(result));
   const text = await wskeep.metrics();
-  assert.equal(metric(text, "wskeep_resume_sessions_resumed_total"), 3, text);
+  assert.equal(metric(text, "wskeep_resume_sessions_resumed_total"), 4, text);
+  assert.match(wskeep.log(), /"session resumed".*"half_open":true/, "the frozen leg was replaced");
 });
