@@ -1,7 +1,8 @@
 //! The JavaScript resume shim (`clients/js/`) against this build's binary: its Node tests
 //! (`node --test`, three forced drops through a killable TCP relay, the grace's 4410 and a
 //! restarted wskeep's, against the real wskeep and a fake of its side) and the proof in a real
-//! browser (Debian's Chromium runs a page using the shim through three cuts of its path).
+//! browser (Debian's Chromium runs a page using the shim through three cuts of its path and a
+//! silent drop).
 //!
 //! Needs `node` (>= 22, or 20.10+ where `clients/js/run-tests.js` adds --experimental-websocket)
 //! and /usr/bin/chromium, both installed by .ci/install.sh; the tests fail, they do not skip,
@@ -71,7 +72,7 @@ fn shim_node_tests_against_the_real_binary() {
 }
 
 #[test]
-fn chromium_resumes_through_three_cuts_of_its_path() {
+fn chromium_resumes_through_three_cuts_and_a_silent_drop() {
     assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: apt-get install -y chromium (.ci/install.sh)");
     node_test(&["browser"], &[("CHROMIUM", CHROMIUM)], Duration::from_secs(120));
 }
