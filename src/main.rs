@@ -63,6 +63,20 @@ struct ProbeArgs {
     /// Close (1000) after this long; exit non-zero if the connection ends earlier
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<std::time::Duration>,
+    /// Open a resumable session (wskeep's [resume], docs/resume.md): send numbered messages for an
+    /// echo upstream, resume whenever the connection drops, and check nothing was lost or doubled;
+    /// exit non-zero unless it ran its --duration losslessly
+    #[arg(long)]
+    resume: bool,
+    /// With --resume: send a numbered message this often
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "100ms")]
+    send_every: std::time::Duration,
+    /// With --resume: drop the TCP connection (no close frame) this long after each connect
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    resume_drop_after: Option<std::time::Duration>,
+    /// With --resume: a connection silent this long is dead (drop it and resume)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    dead_after: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +210,28 @@ fn probe(args: ProbeArgs) -> ExitCode {
         duration: args.duration,
         progress: true,
     };
+    if args.resume {
+        let resume = wskeep::tools::probe::resume::ResumeOptions {
+            send_every: args.send_every,
+            drop_after: args.resume_drop_after,
+            dead_after: args.dead_after,
+            give_up_after: std::time::Duration::from_secs(60),
+        };
+        return match runtime().block_on(wskeep::tools::probe::resume::run(&options.url, &options, &resume)) {
+            Ok(report) => {
+                print!("{report}");
+                if report.lossless() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("probe failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime().block_on(wskeep::tools::probe::run(&options)) {
         Ok(report) => {
             print!("{report}");
