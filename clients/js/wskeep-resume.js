@@ -132,6 +132,7 @@ export class WskeepSocket extends EventTarget {
     this._ws = null; // the connection in use, or null during a gap
     this._attached = false; // _ws has its session message: sends go out
     this._mode = "pending"; // "pending" until the first message: "resumable" or "plain"
+    this._lapsed = false; // plain only because the session message was slow to come
     this._newSession();
     this._gapStart = 0;
     this._attempt = 0;
@@ -178,6 +179,7 @@ export class WskeepSocket extends EventTarget {
     if (this._readyState !== OPEN) return;
     if (this._mode === "plain") {
       this._ws.send(data);
+      if (this._lapsed) this._written = this._sent += 1; // counted, in case the session comes late
       return;
     }
     const copy = stable(data);
@@ -268,21 +270,22 @@ export class WskeepSocket extends EventTarget {
       if (this._ws !== ws || this._readyState !== OPEN) return;
       if (this._mode === "pending") {
         // A wskeep without resume sends no session message: after a while, be a plain socket.
-        this._sessionTimer = setTimeout(() => this._ws === ws && this._mode === "pending" && this._plain(), this._sessionWaitMs);
+        this._sessionTimer = setTimeout(() => this._ws === ws && this._mode === "pending" && this._plain(true), this._sessionWaitMs);
       }
     }
   }
 
   _message(ws, data) {
-    let control = this._mode === "plain" ? null : parseControl(data);
+    let control = this._mode === "plain" && !this._lapsed ? null : parseControl(data);
     // wskeep with resume speaks first, with its session message: anything else first is the
     // upstream's own message through a wskeep without resume (or none at all).
-    if (control !== null && this._mode === "pending" && control[0] !== "session") control = null;
+    if (control !== null && this._mode !== "resumable" && control[0] !== "session") control = null;
+    if (this._mode === "plain") this._lapsed = false; // whatever it was, it came first
     if (control !== null) {
       this._control(ws, control);
       return;
     }
-    if (this._mode === "pending") this._plain();
+    if (this._mode === "pending") this._plain(false);
     if (this._mode === "resumable") {
       this._received += 1;
       this._unackedBytes += sizeOf(data);
@@ -298,7 +301,8 @@ export class WskeepSocket extends EventTarget {
       const [token, field] = fields;
       const theirs = count(field);
       if (!token || Number.isNaN(theirs)) return this._violation(ws, "bad session message");
-      if (this._mode === "plain") return; // gave up waiting for it: stay plain
+      // Also when it came after the shim stopped waiting for it: a slow path, not a wskeep
+      // without resume. The sends written meanwhile were not kept (see _session's check).
       this._session(ws, token, theirs);
     } else if (verb === "ack") {
       const theirs = count(fields[0]);
@@ -311,7 +315,10 @@ export class WskeepSocket extends EventTarget {
   /** The session message: a new session, or wskeep's answer to our resume. */
   _session(ws, token, theirs) {
     const resuming = this._token !== null;
-    if (theirs > this._sent || (this._kept.length > 0 && theirs < this._kept[0].n - 1)) {
+    // A new session starts at 0 (what this connection carried already is on its way). A resumed
+    // one cannot have more than was sent, nor lack a send that is no longer kept.
+    const bad = resuming ? theirs > this._sent || theirs < this._sent - this._kept.length : theirs !== 0;
+    if (bad) {
       return this._violation(ws, "session count out of range");
     }
     clearTimeout(this._sessionTimer);
@@ -398,9 +405,10 @@ export class WskeepSocket extends EventTarget {
   }
 
   /** A wskeep without resume: the socket passes everything through and does not reconnect. */
-  _plain() {
+  _plain(lapsed) {
     clearTimeout(this._sessionTimer);
     this._mode = "plain";
+    this._lapsed = lapsed; // no message yet: a session message may still come, late
     this._writeAbove(this._ws, this._written);
     this._kept = [];
     this._unwrittenBytes = 0;

@@ -246,6 +246,28 @@ test("close() in a gap ends the socket at once and stops reconnecting; on a dead
   assert.equal(second.ws.readyState, WskeepSocket.CLOSED);
 });
 
+test("a session message slower than sessionWaitMs is still taken: the socket becomes resumable (fake wskeep)", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startFake(upstream.port, { sessionDelayMs: 400 });
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { sessionWaitMs: 100 });
+  ws.onopen = () => { for (let i = 0; i < 3; i++) ws.send(`c${i}`); };
+  await upstream.until(() => upstream.connections[0]?.received.length === 3, 5000, "the first sends");
+  await eventually(() => ws.resumable, 5000, "the late session message taken");
+  for (let i = 3; i < 6; i++) ws.send(`c${i}`);
+  await upstream.until(() => upstream.connections[0].received.length === 6, 5000, "sends after it");
+  await relay.stop();
+  for (let i = 6; i < 9; i++) ws.send(`c${i}`);
+  await relay.start();
+  await eventually(() => seen.resumed.length === 1, 5000, "resume");
+  await upstream.until(() => upstream.connections[0].received.length === 9, 5000, "the sends of the gap");
+  assert.deepEqual(upstream.connections[0].received, numbered("c", 9));
+  assert.deepEqual([seen.messages, seen.resets, upstream.connections.length], [[], [], 1], "the session message never reached the page");
+});
+
 test("a close frame from the server ends the socket as it would a WebSocket (no reconnect)", async () => {
   const upstream = await startUpstream();
   after(() => upstream.close());

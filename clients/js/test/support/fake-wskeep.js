@@ -6,7 +6,11 @@ import { listen } from "./ws-server.js";
 
 const PREFIX = "\u0000wskeep:";
 
-export async function startFake(upstreamPort, { graceMs = 30000 } = {}) {
+/**
+ * `graceMs` as `resume.grace`; `sessionDelayMs` holds a new session's first message back that
+ * long, as a slow path would (an upstream that sends nothing meanwhile keeps the order right).
+ */
+export async function startFake(upstreamPort, { graceMs = 30000, sessionDelayMs = 0 } = {}) {
   const sessions = new Map();
   const token = (s) => {
     s.secret = randomBytes(32).toString("base64url");
@@ -22,7 +26,9 @@ export async function startFake(upstreamPort, { graceMs = 30000 } = {}) {
       setTimeout(() => old.destroy(), 2000).unref();
     }
     s.peer = peer;
-    peer.send(`${PREFIX}session ${token(s)} ${s.received}`);
+    const hello = `${PREFIX}session ${token(s)} ${s.received}`;
+    if (s.received === 0 && s.sent === 0 && sessionDelayMs > 0) setTimeout(() => peer.send(hello), sessionDelayMs);
+    else peer.send(hello);
     s.kept = s.kept.filter((k) => k.n > replayAbove);
     for (const k of s.kept) peer.send(k.data);
     peer.onmessage = (data) => {
