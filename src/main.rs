@@ -130,6 +130,10 @@ enum BenchCommand {
         /// Handshakes in flight at once
         #[arg(long, default_value_t = 64)]
         parallel: usize,
+        /// Once all are open, drop them without a close frame and hold on (with
+        /// ?wskeep_resume=1: measures wskeep's detached sessions)
+        #[arg(long)]
+        drop: bool,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -259,9 +263,9 @@ fn bench(scenario: BenchCommand) -> ExitCode {
             BenchCommand::Latency { url, conns, rate, duration, size, tls } => {
                 bench::latency(&tls.common(url), conns, rate, duration, size).await
             }
-            BenchCommand::Idle { url, conns, hold, parallel, tls } => {
+            BenchCommand::Idle { url, conns, hold, parallel, drop, tls } => {
                 raise_fd_limit();
-                bench::idle(&tls.common(url), conns, hold, parallel).await
+                bench::idle(&tls.common(url), conns, hold, parallel, drop).await
             }
             BenchCommand::Echo { .. } => unreachable!("handled by echo()"),
         }
