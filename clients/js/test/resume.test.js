@@ -182,6 +182,33 @@ for (const [kind, start] of Object.entries(servers)) {
   });
 }
 
+test("binary messages both ways through a drop: kept as sent (not as the page changed them after), resent, replayed", async () => {
+  const N = 40;
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startWskeep(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, `count=${N}&every=5&binary=1`);
+  ws.binaryType = "arraybuffer";
+  await eventually(() => seen.messages.length >= 10, 5000, "the first messages");
+  await relay.stop();
+  const scratch = new TextEncoder().encode("c0");
+  for (let i = 0; i < 5; i++) {
+    scratch.set(new TextEncoder().encode(`c${i}`));
+    ws.send(scratch); // the page reuses its buffer: each send must keep what it was
+  }
+  await upstream.until(() => upstream.connections[0].sent === N, 5000, "the upstream's sends during the gap");
+  await relay.start();
+  await upstream.until(() => upstream.connections[0].received.length === 5, 5000, "the resent binary messages");
+  await eventually(() => seen.messages.length === N, 5000, "every binary message");
+  assert.deepEqual(upstream.connections[0].received, numbered("binary:c", 5));
+  assert.ok(seen.messages.every((m) => m instanceof ArrayBuffer), "binaryType arraybuffer after the resume too");
+  assert.deepEqual(seen.messages.map((m) => new TextDecoder().decode(m)), numbered("u", N));
+  assert.deepEqual([seen.resumed.length, upstream.connections.length], [1, 1]);
+});
+
 test("a stream far larger than resume.buffer flows: the shim's acks free wskeep's buffer", async () => {
   const N = 3000; // about 20 KB of frames through a 4 KiB buffer
   const upstream = await startUpstream();

@@ -1,6 +1,6 @@
 // A legacy upstream that knows nothing of resume: on each connection it sends `u0`, `u1`, ...
-// (`?count=N&every=MS&burst=K` in the request's query: K messages every MS ms; nothing when
-// count is absent) and logs every
+// (`?count=N&every=MS&burst=K&binary=1` in the request's query: K messages every MS ms, binary
+// ones with `binary`; nothing when count is absent) and logs every
 // message it receives, every connection and how each ended, for the tests to compare.
 import { listen } from "./ws-server.js";
 
@@ -16,15 +16,16 @@ export async function startUpstream() {
     const count = Number(url.searchParams.get("count") ?? 0);
     const every = Number(url.searchParams.get("every") ?? 10);
     const burst = Number(url.searchParams.get("burst") ?? 1);
+    const binary = url.searchParams.get("binary") === "1";
     const timer = count > 0 ? setInterval(() => {
       for (let i = 0; i < burst; i++) {
         if (entry.sent >= count || peer.closed) return clearInterval(timer);
-        peer.send(`u${entry.sent}`);
+        peer.send(binary ? Buffer.from(`u${entry.sent}`) : `u${entry.sent}`);
         entry.sent += 1;
       }
       changed();
     }, every) : null;
-    peer.onmessage = (data) => { entry.received.push(String(data)); changed(); };
+    peer.onmessage = (data) => { entry.received.push(typeof data === "string" ? data : `binary:${data.toString()}`); changed(); };
     peer.onclose = (code) => { clearInterval(timer); entry.close = code; changed(); };
     changed();
   }, (request) => request.headers["sec-websocket-protocol"]?.split(",")[0].trim());
