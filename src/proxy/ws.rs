@@ -107,16 +107,18 @@ pub async fn upgrade(
         metrics.compressed_connections.inc();
     }
 
-    let session = (ask == Some(Ask::New)).then(|| SessionContext {
-        registry: shared.sessions.clone(),
-        facts: Arc::new(Facts {
-            binding: binding(&req, &shared, &settings),
-            protocol: response.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
-            extensions: response.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
-        }),
-        connections: shared.connections.clone(),
-        grace: resume.grace,
-        buffer: resume.buffer.0 as usize,
+    let session = (ask == Some(Ask::New)).then(|| {
+        Box::new(SessionContext {
+            registry: shared.sessions.clone(),
+            facts: Arc::new(Facts {
+                binding: binding(&req, &shared, &settings),
+                protocol: response.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
+                extensions: response.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
+            }),
+            connections: shared.connections.clone(),
+            grace: resume.grace,
+            buffer: resume.buffer.0 as usize,
+        })
     });
 
     let client_upgrade = hyper::upgrade::on(&mut req);
@@ -359,7 +361,7 @@ async fn relay_task(
     settings: Arc<RelaySettings>,
     meta: ConnMeta,
     path: String,
-    session: Option<SessionContext>,
+    session: Option<Box<SessionContext>>,
 ) {
     // Both are awaited (not `try_join`): a leg that did upgrade is closed properly when the
     // other did not, rather than dropped with the other's error.
@@ -385,7 +387,9 @@ async fn relay_task(
     let closing = shared.drain.closing_token();
     let outcome = match session {
         None => relay::run(client, upstream, &settings, metrics, conn, closing).await,
-        Some(ctx) => session::run(client, upstream, &settings, metrics, conn, closing, ctx).await,
+        // Boxed: a session's future is larger, and an ordinary connection's task must not grow to
+        // its size (this task's future holds whichever branch it awaits).
+        Some(ctx) => Box::pin(session::run(client, upstream, &settings, metrics, conn, closing, *ctx)).await,
     };
     let duration = conn.started.elapsed();
     // The ending is recorded before the gauge drops, so a scrape that sees no active connection
