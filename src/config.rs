@@ -119,6 +119,18 @@ settings! {
         enabled: bool = true,
     }
 
+    /// Lossless reconnect (docs/resume.md): sessions a client may resume after its connection dies.
+    [resume] Resume {
+        enabled: bool = false,
+        /// How long a detached session waits for its client.
+        grace: Duration = Duration::from_secs(30),
+        /// The bytes of messages to the client kept per session until the client acknowledges them.
+        buffer: ByteSize = ByteSize(1 << 20),
+        /// What a resuming handshake must carry as the first one did: `authorization`, `origin`,
+        /// `cookie:NAME`, `query:NAME`, `header:NAME`.
+        bind: Vec<String> = vec!["authorization".into(), "origin".into()],
+    }
+
     [admin] Admin {
         addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 9090)),
         /// A file holding the secret `/drain` requires (`Authorization: Bearer` or `?token=`).
@@ -362,6 +374,9 @@ impl Config {
             bad("limits.max_message_size", "must be above 0".into());
         } else if max > 1 << 30 {
             bad("limits.max_message_size", format!("\"{}\" must be at most 1GiB", self.limits.max_message_size));
+        }
+        for (key, message) in crate::resume::config_problems(&self.resume, max) {
+            bad(key, message);
         }
         if self.admin.addr == self.listen.addr && self.admin.addr.port() != 0 {
             bad("admin.addr", format!("\"{}\" must differ from listen.addr", self.admin.addr));

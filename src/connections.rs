@@ -61,7 +61,8 @@ impl ConnInfo {
         }
     }
 
-    fn to_json(&self, now: Instant) -> Value {
+    /// `session`: the state of a resumable session; an ordinary connection's is `open`.
+    fn to_json(&self, now: Instant, session: Option<&'static str>) -> Value {
         let age = now.saturating_duration_since(self.started);
         let leg = |side: Side| {
             let l = self.leg(side);
@@ -83,6 +84,7 @@ impl ConnInfo {
             "http_version": self.http_version.as_str(),
             "age_seconds": age.as_secs_f64(),
             "compression": self.deflate.then_some(crate::proxy::deflate::NAME),
+            "state": session.unwrap_or("open"),
             "client": leg(Side::Client),
             "upstream": leg(Side::Upstream),
         })
@@ -93,6 +95,9 @@ impl ConnInfo {
 pub struct Connections {
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<ConnInfo>>>,
+    /// The state of resumable sessions (`attached`, `detached`), by id: kept apart so that an
+    /// ordinary connection's entry stays as it was; touched on attach and detach only.
+    sessions: Mutex<HashMap<u64, &'static str>>,
 }
 
 impl Connections {
@@ -116,6 +121,19 @@ impl Connections {
         ConnGuard { info, list: self.clone() }
     }
 
+    /// A resumable session's state, shown in its row; `None` when the session ends.
+    pub fn set_session_state(&self, id: u64, state: Option<&'static str>) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        match state {
+            Some(state) => sessions.insert(id, state),
+            None => sessions.remove(&id),
+        };
+    }
+
+    fn session_states(&self) -> HashMap<u64, &'static str> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnInfo>>> {
         // The map holds plain data: a panic while holding the lock cannot leave it inconsistent.
         self.live.lock().unwrap_or_else(|e| e.into_inner())
@@ -134,7 +152,8 @@ impl Connections {
         let now = Instant::now();
         let mut list: Vec<Arc<ConnInfo>> = self.lock().values().cloned().collect();
         list.sort_by_key(|c| c.id);
-        Value::Array(list.iter().map(|c| c.to_json(now)).collect())
+        let states = self.session_states();
+        Value::Array(list.iter().map(|c| c.to_json(now, states.get(&c.id).copied())).collect())
     }
 
     /// The status page's view: at most `query.limit` connections whose path contains
@@ -159,6 +178,7 @@ impl Connections {
             .map(|c| (query.sort.key(c, now), &**c))
             .collect();
         let matched = rows.len();
+        let states = self.session_states();
         let order = |a: &(u64, &ConnInfo), b: &(u64, &ConnInfo)| {
             let by_key = if query.descending { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) };
             by_key.then(a.1.id.cmp(&b.1.id))
@@ -181,7 +201,7 @@ impl Connections {
         json!({
             "open": all.len(),
             "matched": matched,
-            "connections": rows.iter().map(|(_, c)| c.to_json(now)).collect::<Vec<_>>(),
+            "connections": rows.iter().map(|(_, c)| c.to_json(now, states.get(&c.id).copied())).collect::<Vec<_>>(),
             "rtt": { "client": histogram(Side::Client), "upstream": histogram(Side::Upstream) },
         })
     }

@@ -59,6 +59,23 @@ fn inflate_into<'a>(compressed: &[u8], out: &'a mut [u8; MAX_TEXT]) -> Option<&'
     }
 }
 
+/// Inflates the start of a compressed message (or of its first frame) into `out`: how many bytes
+/// came out, and whether that is all of what `compressed` holds. `None` if it is not DEFLATE that
+/// decodes on its own. At most `MAX_WIRE` bytes of input are looked at.
+pub fn start(compressed: &[u8], out: &mut [u8]) -> Option<(usize, bool)> {
+    let input = &compressed[..compressed.len().min(MAX_WIRE)];
+    let flags = TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF | TINFL_FLAG_HAS_MORE_INPUT;
+    let (status, _, written) = DECOMPRESSOR.with_borrow_mut(|state| {
+        state.init();
+        decompress(state, input, out, 0, flags)
+    });
+    match status {
+        TINFLStatus::NeedsMoreInput | TINFLStatus::Done => Some((written, input.len() == compressed.len())),
+        TINFLStatus::HasMoreOutput => Some((written, false)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +102,16 @@ mod tests {
         // "Hello" as RFC 7692 §7.2.3.1 shows it compressed with fixed Huffman codes.
         assert_eq!(inflated(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]), Some("Hello".into()));
         assert_eq!(inflated(&stored(br#"{"type":"ping"}"#)), Some(r#"{"type":"ping"}"#.into()));
+    }
+
+    #[test]
+    fn the_start_of_a_message_is_inflated_as_far_as_asked() {
+        let mut start = [0u8; 8];
+        assert_eq!(super::start(&stored(b"\0wskeep:ack 12"), &mut start), Some((8, false)));
+        assert_eq!(&start, b"\0wskeep:");
+        // "Hello" whole: all of it, fewer bytes than asked.
+        assert_eq!(super::start(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], &mut start), Some((5, true)));
+        assert_eq!(super::start(&[0xff, 0xff, 0xff], &mut start), None);
     }
 
     #[test]

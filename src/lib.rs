@@ -14,6 +14,7 @@
 //! - `tls`: certificate loading and hot reload
 //! - `metrics`, `connections`, `admin`, `telemetry`: what operators see
 //! - `vocab`: `Side`, `End`, `UpgradeFailure`, the words every other module shares
+//! - `resume`: lossless reconnect: tokens, the session registry, the replay buffer
 //! - `tools`: what is built around the sidecar (`client`, `probe`, `bench`, `demo`,
 //!   `legacy_upstream`), apart from it
 
@@ -33,6 +34,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;
+pub mod resume;
 pub mod server;
 pub mod shutdown;
 pub mod size;

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::proxy_protocol::Failure as ProxyFailure;
-use crate::vocab::{End, HttpVersion, Side, UpgradeFailure};
+use crate::vocab::{End, HttpVersion, ResumeFailure, Side, UpgradeFailure};
 
 mod process;
 
@@ -55,6 +55,12 @@ impl ReloadResult {
 pub struct Metrics {
     registry: Registry,
     pub connections_active: IntGauge,
+    /// Resumable sessions whose client leg is gone and that wait for it (also counted in
+    /// `connections_active`: their upstream leg is open).
+    pub resume_sessions_detached: IntGauge,
+    pub resume_detached: IntCounter,
+    pub resume_resumed: IntCounter,
+    resume_failures: IntCounterVec,
     pub connections_total: IntCounter,
     /// Indexed by `HttpVersion`: the transport each completed WebSocket came over.
     pub websocket_upgrades: [IntCounter; 2],
@@ -139,6 +145,23 @@ impl Metrics {
             ),
             connections_total: counter(&r, "wskeep_connections_total", "WebSocket upgrades completed on both legs"),
             websocket_upgrades: HttpVersion::ALL.map(|v| upgrades.with_label_values(&[v.as_str()])),
+            resume_sessions_detached: register(
+                &r,
+                IntGauge::new("wskeep_resume_sessions_detached", "Resumable sessions waiting for their client now")
+                    .expect("valid"),
+            ),
+            resume_detached: counter(
+                &r,
+                "wskeep_resume_sessions_detached_total",
+                "Resumable sessions whose client leg ended without a close frame (the upstream leg kept)",
+            ),
+            resume_resumed: counter(&r, "wskeep_resume_sessions_resumed_total", "Sessions a client resumed"),
+            resume_failures: counter_vec(
+                &r,
+                "wskeep_resume_failures_total",
+                "Resumable sessions lost (expired, overflow) and resumes refused with 4410, by reason",
+                &["reason"],
+            ),
             upgrade_failures: counter_vec(
                 &r,
                 "wskeep_upgrade_failures_total",
@@ -222,6 +245,9 @@ impl Metrics {
         for reason in ProxyFailure::ALL {
             m.proxy_protocol_failures.with_label_values(&[reason.as_str()]);
         }
+        for reason in ResumeFailure::ALL {
+            m.resume_failures.with_label_values(&[reason.as_str()]);
+        }
         for result in [ReloadResult::Success, ReloadResult::Invalid] {
             m.config_reloads.with_label_values(&[result.as_str()]);
         }
@@ -238,6 +264,10 @@ impl Metrics {
 
     pub fn upgrade_failed(&self, reason: UpgradeFailure) {
         self.upgrade_failures.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub fn resume_failed(&self, reason: ResumeFailure) {
+        self.resume_failures.with_label_values(&[reason.as_str()]).inc();
     }
 
     pub fn connection_ended(&self, end: End, seconds: f64) {

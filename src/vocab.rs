@@ -1,5 +1,5 @@
 //! The shared vocabulary of a proxied connection: its two legs (`Side`), how it ended (`End`)
-//! and why an upgrade failed (`UpgradeFailure`). A leaf: relay, keepalive, telemetry and metrics
+//! why an upgrade failed (`UpgradeFailure`) and why a session did not resume (`ResumeFailure`). A leaf: relay, keepalive, telemetry and metrics
 //! all use it, and it uses none of them.
 
 /// Which leg of a proxied connection.
@@ -143,6 +143,46 @@ impl UpgradeFailure {
             UpgradeFailure::HandshakeLimit => "handshake_limit",
             UpgradeFailure::LocalLimit => "local_limit",
             UpgradeFailure::Draining => "draining",
+        }
+    }
+}
+
+/// Why a resumable session could not be resumed (`wskeep_resume_failures_total{reason}`,
+/// docs/resume.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeFailure {
+    /// The client did not come back within `resume.grace`.
+    Expired,
+    /// What the client had not acknowledged outgrew `resume.buffer` while it was away.
+    Overflow,
+    /// No live session has this token (unknown, spent, or a wrong secret).
+    BadToken,
+    /// The resuming handshake's `resume.bind` credentials, Origin or subprotocol offer differ.
+    CredentialMismatch,
+    /// The session's upstream leg ended.
+    UpstreamGone,
+    /// The client's count of received messages is outside what wskeep kept.
+    BadCount,
+}
+
+impl ResumeFailure {
+    pub const ALL: [ResumeFailure; 6] = [
+        ResumeFailure::Expired,
+        ResumeFailure::Overflow,
+        ResumeFailure::BadToken,
+        ResumeFailure::CredentialMismatch,
+        ResumeFailure::UpstreamGone,
+        ResumeFailure::BadCount,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumeFailure::Expired => "expired",
+            ResumeFailure::Overflow => "overflow",
+            ResumeFailure::BadToken => "bad_token",
+            ResumeFailure::CredentialMismatch => "credential_mismatch",
+            ResumeFailure::UpstreamGone => "upstream_gone",
+            ResumeFailure::BadCount => "bad_count",
         }
     }
 }

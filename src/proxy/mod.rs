@@ -5,7 +5,7 @@
 pub mod deflate;
 pub mod headers;
 pub mod http;
-mod lone_leg;
+pub(crate) mod lone_leg;
 pub mod upstream;
 pub mod upstream_tls;
 pub mod ws;
@@ -44,6 +44,8 @@ pub struct Shared {
     pub drain: Drain,
     /// Whether the listener terminates TLS (for `X-Forwarded-Proto`).
     pub tls: bool,
+    /// Resumable sessions, by token id (docs/resume.md).
+    pub sessions: Arc<crate::resume::Registry>,
 }
 
 /// What a configuration reload changes: a connection or request takes a snapshot when it starts
@@ -83,6 +85,7 @@ impl Shared {
             connections: Arc::new(Connections::default()),
             endings: Endings::default(),
             tls,
+            sessions: Arc::new(crate::resume::Registry::new()),
         }
     }
 

@@ -22,7 +22,9 @@ use super::upstream::{self, ConnectError, UpstreamIo};
 use super::{deflate, headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
 use crate::admission::is_out_of_resources;
 use crate::legstream::LegStream;
+use crate::relay::session::{self, SessionContext};
 use crate::relay::{self, Outcome, RelaySettings};
+use crate::resume::{self, Ask, Facts, Failure, Resumption};
 use crate::vocab::{End, HttpVersion, Side, UpgradeFailure};
 
 /// Why the upstream leg could not be opened, and what the client is told.
@@ -66,8 +68,17 @@ pub async fn upgrade(
         return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
     }
     let offered = headers::offered_protocols(req.headers());
-    let deflate_offers =
+    let resume = &settings.config.resume;
+    let ask = if resume.enabled { resume::request::ask(req.uri().query()) } else { None };
+    if let Some(Ask::Resume { token, received }) = ask {
+        return resume_session(&mut req, client_key.as_deref(), &offered, token, received, &shared, &settings);
+    }
+    let mut deflate_offers =
         if settings.config.compression.enabled { deflate::client_offers(req.headers()) } else { Vec::new() };
+    if ask == Some(Ask::New) {
+        // A replay must decode on the new connection: every upstream message compressed alone.
+        deflate_offers.iter_mut().for_each(|offer| offer.server_no_context_takeover = true);
+    }
     let started = Instant::now();
     let upstream = open_upstream(&req, &shared, &settings, &meta, &offered, &deflate_offers).await;
     let (upstream_response, upstream_upgrade, deflate) = match upstream {
@@ -78,10 +89,118 @@ pub async fn upgrade(
 
     // The client's 101 (HTTP/2: 200): the upstream's choice of subprotocol and its other
     // end-to-end headers (cookies, for instance), and on HTTP/1.1 the client's own accept key.
-    let mut response = Response::new(Body::default());
     let mut upstream_headers = upstream_response.headers().clone();
     headers::strip_response(&mut upstream_headers, true);
+    let mut response = accepted(client_key.as_deref());
+    upstream_headers.extend(response.headers_mut().drain());
     *response.headers_mut() = upstream_headers;
+    if let Some(agreed) = &deflate {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
+        metrics.compressed_connections.inc();
+    }
+
+    let session = (ask == Some(Ask::New)).then(|| SessionContext {
+        registry: shared.sessions.clone(),
+        facts: Arc::new(Facts {
+            binding: binding(&req, &shared, &settings),
+            protocol: response.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
+            extensions: response.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
+        }),
+        connections: shared.connections.clone(),
+        grace: resume.grace,
+        buffer: resume.buffer.0 as usize,
+    });
+
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let path = super::loggable_path(req.uri());
+    let task_shared = shared.clone();
+    let relay_settings = settings.relay.clone();
+    shared.drain.spawn(async move {
+        let legs = Legs { client: client_upgrade, upstream: upstream_upgrade, deflate: deflate.is_some() };
+        relay_task(legs, task_shared, relay_settings, meta, path, session).await;
+    });
+    response
+}
+
+/// The keyed hash of the request's `resume.bind` credentials.
+fn binding(req: &Request<Incoming>, shared: &Shared, settings: &Settings) -> [u8; 32] {
+    // Checked by `wskeep check` at load: every entry parses.
+    let bind: Vec<_> = settings.config.resume.bind.iter().filter_map(|e| resume::BindKey::parse(e).ok()).collect();
+    shared.sessions.binding(&resume::request::bound_values(&bind, req.headers(), req.uri().query()))
+}
+
+/// A resuming handshake, answered without contacting the upstream: 101 either way, then the
+/// session's task gets the new leg, or the client gets 4410 (docs/resume.md).
+fn resume_session(
+    req: &mut Request<Incoming>,
+    client_key: Option<&str>,
+    offered: &[String],
+    token: Option<resume::token::Token>,
+    received: Option<u64>,
+    shared: &Arc<Shared>,
+    settings: &Settings,
+) -> Response<Body> {
+    let claimed_at = std::time::Instant::now();
+    let claim = match (token, received) {
+        (Some(token), Some(received)) => {
+            shared.sessions.claim(&token, &binding(req, shared, settings), offered).map(|claim| (claim, received))
+        }
+        (Some(_), None) => Err(Failure::BadCount),
+        (None, _) => Err(Failure::BadToken),
+    };
+    let mut response = accepted(client_key);
+    let h = response.headers_mut();
+    match &claim {
+        Ok((claim, _)) => {
+            if let Some(protocol) = &claim.facts.protocol {
+                h.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+            }
+            if let Some(extensions) = &claim.facts.extensions {
+                h.insert(header::SEC_WEBSOCKET_EXTENSIONS, extensions.clone());
+            }
+        }
+        // Echoing the first offer lets a browser accept the 101 and read the 4410 that follows.
+        Err(_) => {
+            if let Some(first) = offered.first().and_then(|p| HeaderValue::from_str(p).ok()) {
+                h.insert(header::SEC_WEBSOCKET_PROTOCOL, first);
+            }
+        }
+    }
+    let upgrade = hyper::upgrade::on(req);
+    let metrics = shared.metrics.clone();
+    if let Err(why) = &claim {
+        // Expiry and overflow were counted when they happened.
+        if !matches!(why, Failure::Expired | Failure::Overflow) {
+            metrics.resume_failed(*why);
+        }
+    }
+    shared.drain.spawn(async move {
+        let leg = match upgrade.await {
+            Ok(upgraded) => LegStream::from_upgraded(upgraded),
+            Err(e) => {
+                tracing::debug!(error = %e, "resuming upgrade did not complete");
+                return;
+            }
+        };
+        match claim {
+            Ok((claim, received)) => {
+                let resumption = Resumption { leg, received, claimed: claimed_at };
+                if let Err(back) = claim.handoff.send(resumption) {
+                    // The session ended between the claim and now.
+                    metrics.resume_failed(Failure::UpstreamGone);
+                    session::refuse(back.leg, Failure::UpstreamGone, &metrics);
+                }
+            }
+            Err(why) => session::refuse(leg, why, &metrics),
+        }
+    });
+    response
+}
+
+/// The client's answer that its WebSocket is open: on HTTP/1.1 a 101 with its accept key, on
+/// HTTP/2 (no key, RFC 8441 §5) a 200.
+fn accepted(client_key: Option<&str>) -> Response<Body> {
+    let mut response = Response::new(Body::default());
     if let Some(client_key) = client_key {
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
@@ -91,19 +210,6 @@ pub async fn upgrade(
         let accept = derive_accept_key(client_key.as_bytes());
         h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
     }
-    if let Some(agreed) = &deflate {
-        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
-        metrics.compressed_connections.inc();
-    }
-
-    let client_upgrade = hyper::upgrade::on(&mut req);
-    let path = super::loggable_path(req.uri());
-    let task_shared = shared.clone();
-    let relay_settings = settings.relay.clone();
-    shared.drain.spawn(async move {
-        let legs = Legs { client: client_upgrade, upstream: upstream_upgrade, deflate: deflate.is_some() };
-        relay_task(legs, task_shared, relay_settings, meta, path).await;
-    });
     response
 }
 
@@ -161,7 +267,11 @@ async fn open_upstream(
     };
 
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // wskeep's own parameters stay here (docs/resume.md), whether resuming is enabled or not.
+    let path = match req.uri().query().map(resume::request::strip_query) {
+        Some(Some(query)) => format!("{}?{query}", req.uri().path()),
+        _ => req.uri().path().to_string(),
+    };
     let mut upstream_req = Request::get(path).body(Body::default()).expect("a path from a parsed URI is valid");
     let trusted = crate::cidr::any_contains(&settings.config.listen.trusted_proxies, meta.peer.ip());
     let mut forwarded =
@@ -240,6 +350,7 @@ async fn relay_task(
     settings: Arc<RelaySettings>,
     meta: ConnMeta,
     path: String,
+    session: Option<SessionContext>,
 ) {
     // Both are awaited (not `try_join`): a leg that did upgrade is closed properly when the
     // other did not, rather than dropped with the other's error.
@@ -262,7 +373,11 @@ async fn relay_task(
     metrics.connections_active.inc();
     let guard = shared.connections.open_over(meta.peer, path, meta.http_version, deflate);
     let conn = &guard.info;
-    let outcome = relay::run(client, upstream, &settings, metrics, conn, shared.drain.closing_token()).await;
+    let closing = shared.drain.closing_token();
+    let outcome = match session {
+        None => relay::run(client, upstream, &settings, metrics, conn, closing).await,
+        Some(ctx) => session::run(client, upstream, &settings, metrics, conn, closing, ctx).await,
+    };
     let duration = conn.started.elapsed();
     // The ending is recorded before the gauge drops, so a scrape that sees no active connection
     // also sees every ending.

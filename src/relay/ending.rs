@@ -58,10 +58,13 @@ pub enum Ending {
         peer_closed: Option<u16>,
     },
     Shutdown,
+    /// A detached session's client did not come back in time, or what it had not received
+    /// outgrew the session's buffer: the upstream is told the client is gone.
+    Abandoned,
 }
 
 /// What one leg gets in the closing phase.
-enum CloseAction {
+pub enum CloseAction {
     /// It sent its close already: send this one and do not wait for another.
     Answer(Option<CloseMsg>),
     /// Send this close frame (after every message already complete for it), then await its answer.
@@ -96,12 +99,18 @@ impl Ending {
                 let refused = if peer_closed.is_some() { Answer(told) } else { Send(told) };
                 match side {
                     Side::Client => (End::ClientError, refused, Send(close(GOING_AWAY, "client gone"))),
+                    // A resumable session cannot deliver a message in its control prefix: both
+                    // sides learn why.
+                    Side::Upstream if v == super::transcode::RESERVED_PREFIX => {
+                        (End::UpstreamError, Send(close(v.code, v.reason)), refused)
+                    }
                     Side::Upstream => (End::UpstreamError, Send(close(GOING_AWAY, "upstream error")), refused),
                 }
             }
             Ending::Shutdown => {
                 (End::Shutdown, Send(close(GOING_AWAY, "going away")), Send(close(GOING_AWAY, "going away")))
             }
+            Ending::Abandoned => (End::ClientError, Nothing, Send(close(GOING_AWAY, "client gone"))),
         }
     }
 
@@ -111,6 +120,7 @@ impl Ending {
         match self {
             Ending::Closed(side, c) => codes[*side as usize] = Some(wire_code(c)),
             Ending::Lost(side) => codes[*side as usize] = Some(1006),
+            Ending::Abandoned => codes[Side::Client as usize] = Some(1006),
             Ending::Refused { side, peer_closed, .. } => codes[*side as usize] = *peer_closed,
             Ending::TimedOut(_) | Ending::Shutdown => {}
         }
@@ -118,13 +128,17 @@ impl Ending {
     }
 }
 
-/// Runs the closing handshakes of both legs together and records the codes.
-pub async fn finish(legs: [Leg; 2], ending: Ending, metrics: &Metrics) -> Outcome {
+/// Runs the closing handshakes of both legs together and records the codes. Without
+/// `client_attached` (a detached session) the client leg has no one to close.
+pub async fn finish(legs: [Leg; 2], ending: Ending, metrics: &Metrics, client_attached: bool) -> Outcome {
     let received = ending.received();
     if let Ending::Refused { side, violation, .. } = &ending {
         tracing::debug!(side = side.as_str(), code = violation.code, reason = violation.reason, "refused a frame");
     }
-    let (end, client_action, upstream_action) = ending.plan();
+    let (end, mut client_action, upstream_action) = ending.plan();
+    if !client_attached {
+        client_action = CloseAction::Nothing;
+    }
     let [client, upstream] = legs;
     let (c, u) = tokio::join!(close_leg(client, client_action), close_leg(upstream, upstream_action));
     let mut codes = [(None, None); 2];
@@ -145,7 +159,7 @@ pub async fn finish(legs: [Leg; 2], ending: Ending, metrics: &Metrics) -> Outcom
 /// and the code wskeep sent it. The transport is ended too (TLS `close_notify`, then FIN), so
 /// nothing wskeep wrote stays behind in a TLS buffer when the socket is dropped. Towards the
 /// upstream wskeep is the client, which lets the server close TCP first (RFC 6455 §7.1.1).
-async fn close_leg(mut leg: Leg, action: CloseAction) -> (Option<u16>, Option<u16>) {
+pub async fn close_leg(mut leg: Leg, action: CloseAction) -> (Option<u16>, Option<u16>) {
     let (close, awaits_answer) = match action {
         CloseAction::Nothing => return (None, None),
         CloseAction::Answer(close) => (close, false),

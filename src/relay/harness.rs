@@ -8,6 +8,7 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::time::Instant;
 
+use super::session::NoSession;
 use super::{ending::Ending, transcode, ConnEnv, Leg, RelaySettings, SCRATCH};
 use crate::config::Config;
 use crate::connections::{ConnGuard, Connections};
@@ -144,7 +145,7 @@ pub fn run(input: &[u8]) {
                 wires[src].state().2.extend_from_slice(bytes);
                 let mut now = Some(Instant::now());
                 if let Poll::Ready(Err(ending)) =
-                    transcode::poll_read(from, to, &mut keepalive, env, &mut now, &mut scratch, &mut cx)
+                    transcode::poll_read(from, to, &mut keepalive, &mut NoSession, env, &mut now, &mut scratch, &mut cx)
                 {
                     ended = Some(ending);
                 }

@@ -14,6 +14,7 @@ mod ending;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
 mod outbox;
+pub mod session;
 mod transcode;
 
 #[cfg(test)]
@@ -33,6 +34,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 pub use ending::Outcome;
 use ending::{finish, Ending};
 use outbox::Outbox;
+use session::{Hooks, NoSession};
 use transcode::FrameInTransit;
 
 use crate::config::Config;
@@ -130,19 +132,9 @@ pub async fn run(
     conn: &ConnInfo,
     closing: CancellationToken,
 ) -> Outcome {
-    let [client_timers, upstream_timers] = settings.timers;
-    let slack = keepalive::coalescing(&settings.timers);
     let signal = std::pin::pin!(closing.clone().cancelled_owned());
-    let mut relay = Relay {
-        legs: [
-            Leg::new(Side::Client, client, settings.max_message_size, conn.deflate),
-            Leg::new(Side::Upstream, upstream, settings.max_message_size, conn.deflate),
-        ],
-        keepalive: Keepalive::new(client_timers, upstream_timers, slack, settings.timer_slots.clone()),
-        env: ConnEnv { settings, metrics, conn },
-        shutdown: ShutdownWatch { token: &closing, signal, registered: None },
-        client_first: true,
-    };
+    let env = ConnEnv { settings, metrics, conn };
+    let mut relay = Relay::new(client, upstream, env, ShutdownWatch::new(&closing, signal), NoSession);
     let ending = poll_fn(|cx| relay.poll_ending(cx)).await;
     tracing::debug!(conn = conn.id, ending = ?ending, "connection ending");
     let Relay { legs, keepalive, .. } = relay;
@@ -150,11 +142,25 @@ pub async fn run(
     drop(keepalive);
     // Boxed: the closing phase is large and short-lived; keeping it out of the relay future keeps
     // every idle connection small.
-    Box::pin(finish(legs, ending, metrics)).await
+    Box::pin(finish(legs, ending, metrics, true)).await
 }
 
-/// One connection while it relays.
-struct Relay<'a> {
+/// The keepalive of both legs as configured; `client_off`: none on the client leg (a detached
+/// session's, which has no client).
+fn keepalive_of(settings: &RelaySettings, client_off: bool) -> Keepalive {
+    let [mut client_timers, upstream_timers] = settings.timers;
+    if client_off {
+        client_timers =
+            LegTimers { ping_interval: Duration::ZERO, pong_interval: Duration::ZERO, timeout: Duration::ZERO };
+    }
+    let slack = keepalive::coalescing(&settings.timers);
+    Keepalive::new(client_timers, upstream_timers, slack, settings.timer_slots.clone())
+}
+
+/// One connection while it relays. `S` is what a resumable session adds (`session::Session`);
+/// an ordinary connection's `NoSession` is empty and its checks compile away, so it costs
+/// neither memory nor a branch.
+struct Relay<'a, S> {
     legs: [Leg; 2],
     keepalive: Keepalive,
     env: ConnEnv<'a>,
@@ -162,9 +168,25 @@ struct Relay<'a> {
     /// Which leg reads first in the next pass: they alternate, so a busy leg cannot starve the
     /// other.
     client_first: bool,
+    hooks: S,
 }
 
-impl Relay<'_> {
+impl<'a, S: Hooks> Relay<'a, S> {
+    fn new(client: LegStream, upstream: LegStream, env: ConnEnv<'a>, shutdown: ShutdownWatch<'a>, hooks: S) -> Self {
+        let max = env.settings.max_message_size;
+        Relay {
+            legs: [
+                Leg::new(Side::Client, client, max, env.conn.deflate),
+                Leg::new(Side::Upstream, upstream, max, env.conn.deflate),
+            ],
+            keepalive: keepalive_of(env.settings, false),
+            env,
+            shutdown,
+            client_first: true,
+            hooks,
+        }
+    }
+
     /// Relays until something ends the connection.
     fn poll_ending(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
         if self.shutdown.poll(cx).is_ready() {
@@ -187,6 +209,9 @@ impl Relay<'_> {
             if let Poll::Ready(ending) = self.run_timers(cx) {
                 return Poll::Ready(ending);
             }
+            if let Poll::Ready(ending) = self.hooks.poll(&mut self.legs[0].out, cx) {
+                return Poll::Ready(ending);
+            }
             // Nothing more to read right now (or a long run of reads): write out what they made.
             for leg in &mut self.legs {
                 let before = leg.out.unwritten();
@@ -202,7 +227,8 @@ impl Relay<'_> {
             }
             // Go round again after a long run of reads, or when writing made room to read.
             let [client, upstream] = &self.legs;
-            let unblocked = blocked[0] && may_read(client, upstream) || blocked[1] && may_read(upstream, client);
+            let unblocked = blocked[0] && may_read(client, upstream)
+                || blocked[1] && may_read(upstream, client) && self.hooks.upstream_room();
             if !(more || unblocked) {
                 return Poll::Pending;
             }
@@ -226,7 +252,7 @@ impl Relay<'_> {
             let (from, to) = if src == 0 { (client, upstream) } else { (upstream, client) };
             let mut reads = 0;
             loop {
-                if !may_read(from, to) {
+                if !may_read(from, to) || src == 1 && !self.hooks.upstream_room() {
                     blocked[src] = true;
                     break;
                 }
@@ -234,7 +260,7 @@ impl Relay<'_> {
                     more = true;
                     break;
                 }
-                match transcode::poll_read(from, to, &mut self.keepalive, self.env, now, scratch, cx) {
+                match transcode::poll_read(from, to, &mut self.keepalive, &mut self.hooks, self.env, now, scratch, cx) {
                     Poll::Ready(Ok(())) => reads += 1,
                     Poll::Ready(Err(ending)) => return Err(ending),
                     Poll::Pending => break,
@@ -280,7 +306,11 @@ struct ShutdownWatch<'a> {
     registered: Option<Waker>,
 }
 
-impl ShutdownWatch<'_> {
+impl<'a> ShutdownWatch<'a> {
+    fn new(token: &'a CancellationToken, signal: Pin<&'a mut WaitForCancellationFutureOwned>) -> Self {
+        ShutdownWatch { token, signal, registered: None }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             return if self.token.is_cancelled() { Poll::Ready(()) } else { Poll::Pending };

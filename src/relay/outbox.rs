@@ -86,6 +86,33 @@ impl Outbox {
         self.masked.then(rand::random)
     }
 
+    /// The last frame forwarded did not end its message.
+    pub fn message_open(&self) -> bool {
+        self.open_message
+    }
+
+    /// A data frame of wskeep's own pushed now would be written next, not held behind a frame
+    /// or message still arriving.
+    pub fn data_goes_now(&self) -> bool {
+        self.committed == self.buf.len() && !self.open_message
+    }
+
+    /// The peer is a new connection (a resumed session's client): what was queued for the old
+    /// one goes, `preface` is written first, and a frame still arriving from the other leg (with
+    /// the data frames of wskeep's own held behind it) carries on after it.
+    pub fn restart(&mut self, preface: Vec<u8>) {
+        let arriving = self.buf.split_off(self.committed);
+        self.buf = preface;
+        self.committed = 0;
+        self.written = 0;
+        self.unflushed = false;
+        self.held_ping = Vec::new();
+        self.held_pong = Vec::new();
+        self.own_unwritten = 0;
+        self.commit_own(0);
+        self.buf.extend_from_slice(&arriving);
+    }
+
     /// Queues a whole frame of wskeep's own: at once if it may go next, else held until it may.
     /// `false`: dropped (a ping while one is held already, a JSON pong past the budget).
     pub fn push_frame(&mut self, opcode: u8, payload: &[u8]) -> bool {

@@ -28,7 +28,7 @@ fn client_text(payload: &[u8]) -> Vec<u8> {
 }
 
 /// Polls the relay once, as its task would be on a wake-up.
-async fn poll_once(relay: &mut Relay<'_>) -> Poll<Ending> {
+async fn poll_once(relay: &mut Relay<'_, NoSession>) -> Poll<Ending> {
     poll_fn(|cx| Poll::Ready(relay.poll_ending(cx))).await
 }
 
@@ -52,6 +52,7 @@ async fn a_frame_that_arrived_is_read_before_the_idle_deadline_is_judged() {
         env: ConnEnv { settings: &settings, metrics: &metrics, conn: &guard.info },
         shutdown: ShutdownWatch { token: &closing, signal, registered: None },
         client_first: true,
+        hooks: NoSession,
     };
     assert!(poll_once(&mut relay).await.is_pending(), "nothing has happened yet");
     // The wake-up comes late: the deadline has passed and the client's frame is waiting. The

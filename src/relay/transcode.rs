@@ -12,11 +12,18 @@ use tokio::time::Instant;
 
 use super::ending::{received_close, CloseMsg, Ending};
 use super::outbox::Outbox;
+use super::session::Hooks;
 use super::{ConnEnv, Leg, SCRATCH};
 use crate::frame::{self, Control, DataFrame, FrameReader, Kind, Step, Utf8Check, Violation};
 use crate::inflate;
 use crate::keepalive::Keepalive;
+use crate::resume::control;
 use crate::vocab::Side;
+
+/// A client's control message that is not one (docs/resume.md).
+const BAD_CONTROL: Violation = Violation { code: 1008, reason: "bad wskeep control message" };
+/// An upstream text message that starts with the prefix reserved for control messages.
+pub const RESERVED_PREFIX: Violation = Violation { code: 1011, reason: "reserved prefix" };
 
 /// The data frame a leg is carrying into the other leg's outbox, where it starts at
 /// `committed` (nothing else is ever appended behind it).
@@ -31,10 +38,12 @@ pub struct FrameInTransit {
 
 /// Reads what `from` has and handles every frame in it; `Err` is how the connection ends.
 /// `now` is read once per wake-up, on the first read that brings bytes.
-pub fn poll_read(
+#[allow(clippy::too_many_arguments)]
+pub fn poll_read<S: Hooks>(
     from: &mut Leg,
     to: &mut Leg,
     keepalive: &mut Keepalive,
+    hooks: &mut S,
     env: ConnEnv<'_>,
     now: &mut Option<Instant>,
     scratch: &mut [MaybeUninit<u8>],
@@ -51,8 +60,8 @@ pub fn poll_read(
         env.conn.saw_frame(side, now.into_std());
         let mut relayed = Relayed::default();
         let mut rest = bytes;
-        let result =
-            read_frames(side, &mut rest, reader, in_transit, back, &mut to.out, keepalive, env, now, &mut relayed);
+        let frames = Frames { side, reader, in_transit, back, out: &mut to.out };
+        let result = read_frames(frames, &mut rest, keepalive, hooks, env, now, &mut relayed);
         relayed.record(side, env);
         match result {
             // A peer that breaks the rules often closes right after, in the same write: that
@@ -104,28 +113,34 @@ impl Relayed {
     }
 }
 
-/// Handles the frames (or parts of one) in `bytes` up to the first that ends the connection:
-/// data goes to `out`, answers to `back`.
-#[allow(clippy::too_many_arguments)]
-fn read_frames(
+/// Where one leg's frames come from and go: read by `reader` from `side`, data to `out`,
+/// answers to `back`.
+struct Frames<'a> {
     side: Side,
+    reader: &'a mut FrameReader,
+    in_transit: &'a mut FrameInTransit,
+    back: &'a mut Outbox,
+    out: &'a mut Outbox,
+}
+
+/// Handles the frames (or parts of one) in `bytes` up to the first that ends the connection.
+fn read_frames<S: Hooks>(
+    frames: Frames<'_>,
     bytes: &mut &[u8],
-    reader: &mut FrameReader,
-    in_transit: &mut FrameInTransit,
-    back: &mut Outbox,
-    out: &mut Outbox,
     keepalive: &mut Keepalive,
+    hooks: &mut S,
     env: ConnEnv<'_>,
     now: Instant,
     relayed: &mut Relayed,
 ) -> Result<(), Ending> {
+    let Frames { side, reader, in_transit, back, out } = frames;
     let src = side as usize;
     let (metrics, stats) = (env.metrics, env.conn.leg(side));
     let refuse = |violation| Ending::Refused { side, violation, peer_closed: None };
     while let Some(step) = reader.next(bytes).map_err(refuse)? {
         match step {
             Step::Data { frame, bytes, offset } => {
-                carry_piece(side, frame, bytes, offset, in_transit, out, back, env, relayed).map_err(refuse)?
+                carry_piece(side, frame, bytes, offset, in_transit, out, back, hooks, env, relayed).map_err(refuse)?
             }
             Step::Control(Control::Ping) => {
                 back.push_frame(frame::OP_PONG, reader.control_payload());
@@ -155,10 +170,25 @@ fn read_frames(
     Ok(())
 }
 
+/// Whether a text message's first frame (`payload`, plain) claims the control messages' prefix;
+/// a compressed one is inflated as far as the prefix (each message on a resumable session is
+/// compressed on its own: docs/resume.md).
+fn claims_prefix(frame: DataFrame, payload: &[u8]) -> bool {
+    if !frame.compressed {
+        return control::claims_prefix(payload, frame.fin);
+    }
+    let mut start = [0u8; control::PREFIX.len()];
+    match inflate::start(payload, &mut start) {
+        Some((n, all)) => control::claims_prefix(&start[..n], frame.fin && all),
+        // Not DEFLATE the endpoint could read alone: never a control message.
+        None => false,
+    }
+}
+
 /// Copies a piece of a data frame into `out`; once the frame is whole, checks it and makes it
 /// writable (or, for a JSON ping that is not forwarded, drops it after answering on `back`).
 #[allow(clippy::too_many_arguments)]
-fn carry_piece(
+fn carry_piece<S: Hooks>(
     from: Side,
     frame: DataFrame,
     piece: &[u8],
@@ -166,6 +196,7 @@ fn carry_piece(
     in_transit: &mut FrameInTransit,
     out: &mut Outbox,
     back: &mut Outbox,
+    hooks: &mut S,
     env: ConnEnv<'_>,
     relayed: &mut Relayed,
 ) -> Result<(), Violation> {
@@ -192,6 +223,26 @@ fn carry_piece(
         return Ok(());
     }
     let payload_at = out.committed + in_transit.head_len;
+    if let Some(session) = hooks.session() {
+        // A resumable session's control messages, and its count of the client's messages.
+        if frame.kind == Kind::Text && frame.first && claims_prefix(frame, &out.buf[payload_at..]) {
+            if from == Side::Upstream || !frame.fin {
+                return Err(if from == Side::Upstream { RESERVED_PREFIX } else { BAD_CONTROL });
+            }
+            let payload = &out.buf[payload_at..];
+            let handled = match frame.compressed {
+                // Compressed on its own (`client_no_context_takeover`), so it inflates alone.
+                true => inflate::small_text(payload, |text| session.client_control(text.as_bytes()).ok()),
+                false => session.client_control(payload).ok(),
+            };
+            handled.ok_or(BAD_CONTROL)?;
+            out.drop_partial();
+            return Ok(());
+        }
+        if from == Side::Client && frame.fin {
+            session.from_client += 1;
+        }
+    }
     if frame.kind == Kind::Text {
         let payload = &out.buf[payload_at..];
         if frame.first {
@@ -211,8 +262,12 @@ fn carry_piece(
             None
         };
         if let (Some(matcher), Some(reply)) = (matcher, reply) {
+            let goes_now = back.data_goes_now();
             if back.push_frame(frame::OP_TEXT, reply.as_bytes()) {
                 env.metrics.json_pings_answered.inc();
+                if let Some(session) = hooks.session() {
+                    session.own_message(reply.as_bytes(), goes_now);
+                }
             }
             if !matcher.forward {
                 out.drop_partial();
@@ -221,6 +276,11 @@ fn carry_piece(
         }
         if let Some(key) = in_transit.mask {
             frame::apply_mask(&mut out.buf[payload_at..], key);
+        }
+    }
+    if from == Side::Upstream {
+        if let Some(session) = hooks.session() {
+            session.wrote_to_client(&out.buf[out.committed..], frame.fin);
         }
     }
     out.commit_forwarded(frame.fin);
