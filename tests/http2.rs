@@ -600,3 +600,20 @@ async fn streams_are_bounded_per_connection_and_by_max_connections() {
     c.send(Message::text("in")).await.unwrap();
     assert_eq!(next_message(&mut c).await, Some(Message::text("in")));
 }
+
+/// `wskeep bench --http2 N` (the h2 rows of tests/bench/compare.sh): WebSockets opened as
+/// streams, N per connection, echoed through wskeep.
+#[tokio::test]
+async fn the_load_generator_speaks_http2() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), "")).await;
+    let url = format!("wss://localhost:{}/", sidecar.addr.port());
+    let bench = wskeep::tools::bench::Common::new(url, true, None, Some(4));
+    let report = wskeep::tools::bench::throughput(&bench, 10, 64, 4, Duration::from_millis(300), false).await.unwrap();
+    assert!(report["messages"].as_u64().unwrap() > 0, "{report}");
+    let text = await_metric(sidecar.admin, UPGRADES_H2, 10.0).await;
+    assert_eq!(common::metric(&text, UPGRADES_H1), 0.0, "{text}");
+    let report = wskeep::tools::bench::idle(&bench, 10, Duration::from_millis(100), 4).await.unwrap();
+    assert_eq!((report["opened"].as_u64(), report["lost"].as_u64()), (Some(10), Some(0)), "{report}");
+}
