@@ -617,3 +617,27 @@ async fn the_load_generator_speaks_http2() {
     let report = wskeep::tools::bench::idle(&bench, 10, Duration::from_millis(100), 4).await.unwrap();
     assert_eq!((report["opened"].as_u64(), report["lost"].as_u64()), (Some(10), Some(0)), "{report}");
 }
+
+/// `listen.idle_timeout` on HTTP/2: a connection with no request and no WebSocket for that long
+/// gets its GOAWAY; one whose WebSocket is open keeps going, however quiet.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_unless_it_carries_a_websocket() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let mut config = common::test_config(upstream.addr, Some(&cert), "");
+    config.listen.idle_timeout = Duration::from_millis(200);
+    let sidecar = common::start_sidecar(config).await;
+    let idle = h2_connect(sidecar.addr, &cert).await;
+    let busy = h2_connect(sidecar.addr, &cert).await;
+    let (mut ws, _) = busy.websocket("/quiet", &[]).await.unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while !idle.frames().iter().any(|f| f.0 == GOAWAY) {
+        assert!(Instant::now() < deadline, "no GOAWAY on an idle connection: {:?}", idle.frames());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Three more idle periods on the quiet WebSocket's connection: still open.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!busy.frames().iter().any(|f| f.0 == GOAWAY), "{:?}", busy.frames());
+    ws.send(Message::text("still open")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("still open")));
+}
