@@ -113,6 +113,12 @@ settings! {
         max_message_size: ByteSize = ByteSize(1 << 20),
     }
 
+    /// permessage-deflate (RFC 7692) passed through end to end, compressed frames unchanged;
+    /// off: stripped from the client's offer.
+    [compression] Compression {
+        enabled: bool = true,
+    }
+
     [admin] Admin {
         addr: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 9090)),
         /// A file holding the secret `/drain` requires (`Authorization: Bearer` or `?token=`).

@@ -38,6 +38,8 @@ pub struct ConnInfo {
     /// The client's HTTP version: a WebSocket of its own TCP connection, or an HTTP/2 stream.
     pub http_version: HttpVersion,
     pub started: Instant,
+    /// permessage-deflate was negotiated: messages may cross compressed.
+    pub deflate: bool,
     pub legs: [LegStats; 2],
 }
 
@@ -80,6 +82,7 @@ impl ConnInfo {
             "path": self.path,
             "http_version": self.http_version.as_str(),
             "age_seconds": age.as_secs_f64(),
+            "compression": self.deflate.then_some(crate::proxy::deflate::NAME),
             "client": leg(Side::Client),
             "upstream": leg(Side::Upstream),
         })
@@ -95,14 +98,20 @@ pub struct Connections {
 impl Connections {
     /// Registers a connection; it leaves the list when the returned guard drops.
     pub fn open(self: &Arc<Self>, peer: SocketAddr, path: String) -> ConnGuard {
-        self.open_over(peer, path, HttpVersion::Http1)
+        self.open_over(peer, path, HttpVersion::Http1, false)
     }
 
-    /// Registers a connection that came over `http_version`.
-    pub fn open_over(self: &Arc<Self>, peer: SocketAddr, path: String, http_version: HttpVersion) -> ConnGuard {
+    /// Registers a connection that came over `http_version`, with permessage-deflate agreed or not.
+    pub fn open_over(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        path: String,
+        http_version: HttpVersion,
+        deflate: bool,
+    ) -> ConnGuard {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
-        let info =
-            Arc::new(ConnInfo { id, peer, path, http_version, started: Instant::now(), legs: Default::default() });
+        let started = Instant::now();
+        let info = Arc::new(ConnInfo { id, peer, path, http_version, started, deflate, legs: Default::default() });
         self.lock().insert(id, info.clone());
         ConnGuard { info, list: self.clone() }
     }
@@ -313,7 +322,7 @@ mod tests {
         let guards: Vec<ConnGuard> = (0..50)
             .map(|i| {
                 let path = format!("/{}", if i % 2 == 0 { "even" } else { "odd" });
-                list.open_over(([127, 0, 0, 1], 1).into(), path, HttpVersion::Http2)
+                list.open_over(([127, 0, 0, 1], 1).into(), path, HttpVersion::Http2, false)
             })
             .collect();
         for g in &guards {

@@ -131,6 +131,7 @@ fn ended_json(e: &Ended) -> Value {
         "peer": e.info.peer.to_string(),
         "path": e.info.path,
         "http_version": e.info.http_version.as_str(),
+        "compression": e.info.deflate.then_some(crate::proxy::deflate::NAME),
         "ended_at": (unix_seconds(e.at) * 1000.0).round() / 1000.0,
         "duration_seconds": e.duration.as_secs_f64(),
         "end": e.outcome.end.as_str(),
@@ -200,6 +201,7 @@ mod tests {
             path: "/ws".into(),
             http_version: crate::vocab::HttpVersion::Http1,
             started: std::time::Instant::now(),
+            deflate: false,
             legs: Default::default(),
         })
     }

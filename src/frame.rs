@@ -22,6 +22,9 @@ pub const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
+/// The first reserved bit: with permessage-deflate (RFC 7692), set on the first frame of a
+/// compressed message.
+pub const RSV1: u8 = 0x40;
 
 /// Input the peer must be closed for: the close code it is sent and a reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,15 +59,17 @@ pub struct DataFrame {
     pub len: u64,
     /// The peer's masking key (frames from a client), as on the wire.
     pub mask: Option<[u8; 4]>,
+    /// Its message is compressed (permessage-deflate): the payload is not text yet.
+    pub compressed: bool,
 }
 
 impl DataFrame {
-    /// The opcode to write it with.
+    /// The opcode to write it with, and RSV1 on the first frame of a compressed message.
     pub fn opcode(&self) -> u8 {
         match (self.first, self.kind) {
             (false, _) => OP_CONTINUATION,
-            (true, Kind::Text) => OP_TEXT,
-            (true, Kind::Binary) => OP_BINARY,
+            (true, Kind::Text) => OP_TEXT | if self.compressed { RSV1 } else { 0 },
+            (true, Kind::Binary) => OP_BINARY | if self.compressed { RSV1 } else { 0 },
         }
     }
 }
@@ -114,8 +119,10 @@ pub struct FrameReader {
     head: [u8; MAX_HEAD],
     head_len: u8,
     current: Option<Current>,
-    /// A fragmented message is open: its kind, and its size so far.
-    message: Option<(Kind, u64)>,
+    /// A fragmented message is open: its kind, whether it is compressed, and its size so far.
+    message: Option<(Kind, bool, u64)>,
+    /// permessage-deflate was negotiated: RSV1 may start a message.
+    deflate: bool,
     control: [u8; MAX_CONTROL],
     control_len: u8,
 }
@@ -130,9 +137,17 @@ impl FrameReader {
             head_len: 0,
             current: None,
             message: None,
+            deflate: false,
             control: [0; MAX_CONTROL],
             control_len: 0,
         }
+    }
+
+    /// Accepts compressed messages (RSV1 on a message's first frame): permessage-deflate was
+    /// negotiated on this connection.
+    pub fn with_deflate(mut self, deflate: bool) -> FrameReader {
+        self.deflate = deflate;
+        self
     }
 
     /// The payload of the control frame the last `Step::Control` reported, unmasked.
@@ -231,8 +246,14 @@ impl FrameReader {
         if let Some(violation) = head.length_violation() {
             return Err(violation);
         }
-        if head.rsv != 0 {
-            return Err(Violation::protocol("reserved bits set without an extension"));
+        // RSV1 belongs to permessage-deflate, and only on a message's first frame (RFC 7692 §6).
+        let compressed = head.rsv == RSV1 && self.deflate;
+        if head.rsv != 0 && !(compressed && matches!(head.opcode, OP_TEXT | OP_BINARY)) {
+            return Err(Violation::protocol(if head.rsv == RSV1 && self.deflate {
+                "RSV1 set on a control or continuation frame"
+            } else {
+                "reserved bits set without an extension"
+            }));
         }
         if head.mask.is_some() != self.peer_masks {
             return Err(Violation::protocol(if self.peer_masks {
@@ -258,20 +279,21 @@ impl FrameReader {
             self.current = Some(Current::Control { op, len: head.len as u8, mask: head.mask });
             return Ok(());
         }
-        let (kind, first, so_far) = match (head.opcode, self.message) {
-            (OP_CONTINUATION, Some((kind, so_far))) => (kind, false, so_far),
+        let (kind, first, compressed, so_far) = match (head.opcode, self.message) {
+            (OP_CONTINUATION, Some((kind, compressed, so_far))) => (kind, false, compressed, so_far),
             (OP_CONTINUATION, None) => return Err(Violation::protocol("continuation frame without a message")),
             (OP_TEXT | OP_BINARY, Some(_)) => return Err(Violation::protocol("new message inside a fragmented one")),
-            (OP_TEXT, None) => (Kind::Text, true, 0),
-            (OP_BINARY, None) => (Kind::Binary, true, 0),
+            (OP_TEXT, None) => (Kind::Text, true, compressed, 0),
+            (OP_BINARY, None) => (Kind::Binary, true, compressed, 0),
             _ => return Err(Violation::protocol("reserved opcode")),
         };
+        // A compressed message is limited by its size on the wire.
         let size = so_far.saturating_add(head.len);
         if size > self.max_size {
             return Err(Violation::TOO_BIG);
         }
-        self.message = (!head.fin).then_some((kind, size));
-        let frame = DataFrame { kind, first, fin: head.fin, len: head.len, mask: head.mask };
+        self.message = (!head.fin).then_some((kind, compressed, size));
+        let frame = DataFrame { kind, first, fin: head.fin, len: head.len, mask: head.mask, compressed };
         self.current = Some(Current::Data { frame, done: 0 });
         Ok(())
     }
@@ -323,7 +345,8 @@ impl Head {
     }
 }
 
-/// Appends a frame header: FIN set when `fin`, the opcode, the payload length and the mask.
+/// Appends a frame header: FIN set when `fin`, the opcode (with RSV1 if set in it), the payload
+/// length and the mask.
 pub fn write_head(out: &mut impl BufMut, fin: bool, opcode: u8, len: u64, mask: Option<[u8; 4]>) {
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
     out.put_u8(if fin { 0x80 } else { 0 } | opcode);

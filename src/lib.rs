@@ -24,6 +24,7 @@ pub mod config;
 pub mod connections;
 pub mod endings;
 pub mod frame;
+pub mod inflate;
 pub mod jsonping;
 pub mod keepalive;
 pub mod legstream;

@@ -85,6 +85,10 @@ enum BenchCommand {
         duration: std::time::Duration,
         #[arg(long)]
         binary: bool,
+        /// Offer permessage-deflate and send every message compressed (RSV1; DEFLATE stored
+        /// blocks, which any inflater reads); the server must agree
+        #[arg(long)]
+        compressed: bool,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -215,8 +219,9 @@ fn bench(scenario: BenchCommand) -> ExitCode {
     use wskeep::tools::bench;
     let result = runtime().block_on(async move {
         match scenario {
-            BenchCommand::Throughput { url, conns, size, window, duration, binary, tls } => {
-                bench::throughput(&tls.common(url), conns, size, window, duration, binary).await
+            BenchCommand::Throughput { url, conns, size, window, duration, binary, compressed, tls } => {
+                let message = bench::MessageKind { binary, compressed };
+                bench::throughput(&tls.common(url), conns, size, window, duration, message).await
             }
             BenchCommand::Latency { url, conns, rate, duration, size, tls } => {
                 bench::latency(&tls.common(url), conns, rate, duration, size).await

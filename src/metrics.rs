@@ -70,6 +70,7 @@ pub struct Metrics {
     pub pings_answered: [IntCounter; 2],
     pub ping_rtt: [Histogram; 2],
     pub json_pings_answered: IntCounter,
+    pub compressed_connections: IntCounter,
     pub upstream_connect: Histogram,
     http_requests: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
@@ -164,6 +165,11 @@ impl Metrics {
             pings_answered: per_side(|s| answered.with_label_values(&[s.as_str()])),
             ping_rtt: per_side(|s| rtt.with_label_values(&[s.as_str()])),
             json_pings_answered: counter(&r, "wskeep_json_pings_answered_total", "JSON pings answered by wskeep"),
+            compressed_connections: counter(
+                &r,
+                "wskeep_compressed_connections_total",
+                "Proxied WebSocket connections that negotiated permessage-deflate",
+            ),
             upstream_connect: register(
                 &r,
                 Histogram::with_opts(

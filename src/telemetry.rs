@@ -81,6 +81,7 @@ pub fn connection_closed(conn: &ConnInfo, outcome: &Outcome, duration: Duration)
         peer = %conn.peer,
         path = %conn.path,
         http_version = conn.http_version.as_str(),
+        compressed = conn.deflate,
         duration_s = (duration.as_secs_f64() * 1000.0).round() / 1000.0,
         end = outcome.end.as_str(),
         client_close_received = c_rx,

@@ -294,3 +294,42 @@ async fn browser_json_pings_survive_the_idle_cut_only_with_client_pings() {
     assert_eq!(common::metric(&text, "wskeep_json_pings_answered_total"), pings as f64);
     drop(browser);
 }
+
+/// Chromium loads a page from a compressing upstream (Python `websockets`) through wskeep over
+/// HTTP/2, then opens its WebSocket as a stream of that connection (RFC 8441); its
+/// permessage-deflate offer reaches the upstream and compression is agreed end to end, its JSON
+/// ping is still answered by wskeep, and a repetitive stream crosses wskeep compressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_compression_is_negotiated_end_to_end() {
+    let cert = common::test_cert();
+    let upstream = common::python::PythonUpstream::start().await;
+    let sidecar =
+        common::start_sidecar(common::test_config(([127, 0, 0, 1], upstream.port).into(), Some(&cert), "")).await;
+    let browser = Browser::launch(&format!("https://127.0.0.1:{}/page", sidecar.addr.port()));
+    let result = upstream.line_starting("result ", Duration::from_secs(30)).await;
+    let result: Value = serde_json::from_str(&result.unwrap_or_else(|| {
+        panic!("the page reported nothing\nchromium's log:\n{}", browser.log());
+    }))
+    .unwrap();
+
+    let extensions = result["extensions"].as_str().unwrap_or_default();
+    assert!(extensions.starts_with("permessage-deflate"), "the browser agreed to {extensions:?}: {result}");
+    assert!(extensions.contains("client_no_context_takeover"), "{result}");
+    let upstream_agreed = result["report"]["agreed"].as_str().unwrap_or_default();
+    assert!(upstream_agreed.starts_with("permessage-deflate"), "the upstream agreed to {upstream_agreed:?}");
+    assert_eq!(result["protocol_pong"], serde_json::json!({"type": "pong", "id": 9}), "{result}");
+    assert_eq!(result["streamed"], 100, "{result}");
+
+    let text = common::scrape(sidecar.admin).await;
+    assert_eq!(common::metric(&text, "wskeep_compressed_connections_total"), 1.0, "{text}");
+    assert_eq!(common::metric(&text, "wskeep_json_pings_answered_total"), 1.0, "{text}");
+    let streamed = result["streamed_bytes"].as_f64().unwrap();
+    let wire = common::metric(&text, "wskeep_message_bytes_total{direction=\"upstream_to_client\"}");
+    assert!(streamed >= 100.0 * 1000.0 && wire < streamed / 5.0, "{wire} bytes written to the browser for {streamed}");
+    // Chromium loaded the page over HTTP/2 and opened the WebSocket as a stream of that connection.
+    let (_, live) = common::http_get(sidecar.admin, "/connections").await.unwrap();
+    let live: Value = serde_json::from_str(&live).unwrap();
+    assert_eq!(live[0]["http_version"], "2", "{live}");
+    assert_eq!(live[0]["compression"], "permessage-deflate", "{live}");
+    drop(browser);
+}

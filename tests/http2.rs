@@ -610,7 +610,8 @@ async fn the_load_generator_speaks_http2() {
     let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), "")).await;
     let url = format!("wss://localhost:{}/", sidecar.addr.port());
     let bench = wskeep::tools::bench::Common::new(url, true, None, Some(4));
-    let report = wskeep::tools::bench::throughput(&bench, 10, 64, 4, Duration::from_millis(300), false).await.unwrap();
+    let kind = wskeep::tools::bench::MessageKind::default();
+    let report = wskeep::tools::bench::throughput(&bench, 10, 64, 4, Duration::from_millis(300), kind).await.unwrap();
     assert!(report["messages"].as_u64().unwrap() > 0, "{report}");
     let text = await_metric(sidecar.admin, UPGRADES_H2, 10.0).await;
     assert_eq!(common::metric(&text, UPGRADES_H1), 0.0, "{text}");

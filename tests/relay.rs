@@ -193,7 +193,7 @@ async fn end_to_end_headers_reach_the_upstream() {
         ("user-agent", "relay-test/1.0"),
         ("x-custom", "kept"),
         ("x-forwarded-for", "203.0.113.7"),
-        ("sec-websocket-extensions", "permessage-deflate; client_max_window_bits"),
+        ("sec-websocket-extensions", "permessage-deflate; client_max_window_bits, x-webkit-deflate-frame"),
     ];
     let mut ws = common::wss(sidecar.addr, &cert, "/hdr?room=7&token=s3cret", &headers).await;
     ws.send(Message::text("hi")).await.unwrap();
@@ -210,7 +210,8 @@ async fn end_to_end_headers_reach_the_upstream() {
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     assert_eq!(seen.header("x-forwarded-host"), Some(format!("localhost:{}", sidecar.addr.port()).as_str()));
     assert_eq!(seen.header("host"), Some(upstream.addr.to_string().as_str()));
-    assert_eq!(seen.header("sec-websocket-extensions"), None, "extensions are negotiated per leg");
+    // permessage-deflate is passed through (tests/compression.rs); other extensions are not.
+    assert_eq!(seen.header("sec-websocket-extensions"), Some("permessage-deflate; client_max_window_bits"));
     // Exactly one X-Forwarded-For line.
     assert_eq!(seen.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for")).count(), 1);
 }

@@ -178,6 +178,7 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
         path: "/".into(),
         http_version: wskeep::vocab::HttpVersion::Http1,
         started: Instant::now(),
+        deflate: false,
         legs: Default::default(),
     };
     let closing = CancellationToken::new();

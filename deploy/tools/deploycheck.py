@@ -74,6 +74,7 @@ METRICS = {
     "wskeep_pongs_received_total": ("counter", {"side": SIDE}),
     "wskeep_pings_answered_total": ("counter", {"side": SIDE}),
     "wskeep_json_pings_answered_total": ("counter", {}),
+    "wskeep_compressed_connections_total": ("counter", {}),
     "wskeep_ping_rtt_seconds": ("histogram", {"side": SIDE}),
     "wskeep_upstream_connect_seconds": ("histogram", {}),
     "wskeep_http_requests_total": ("counter", {"code": None}),
@@ -104,6 +105,7 @@ CONFIG_KEYS = {
     "upstream_keepalive": {"ping_interval", "pong_interval", "timeout"},
     "json_ping": {"enabled", "match", "reply", "echo_fields", "forward"},
     "limits": {"max_message_size"},
+    "compression": {"enabled"},
     "admin": {"addr"},
     "shutdown": {"drain_timeout"},
     "log": {"format", "level"},
@@ -813,7 +815,7 @@ def cmd_placeholders():
 
 
 # Metrics wskeep exports beyond DESIGN.md's table (README's metrics table lists them).
-BEYOND_DESIGN = {"wskeep_proxy_protocol_failures_total"}
+BEYOND_DESIGN = {"wskeep_proxy_protocol_failures_total", "wskeep_compressed_connections_total"}
 
 
 def check_design():

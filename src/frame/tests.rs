@@ -235,3 +235,38 @@ fn a_control_frame_on_the_stack_is_the_same_bytes() {
         }
     }
 }
+
+#[test]
+fn with_deflate_rsv1_may_start_a_message_and_nothing_else() {
+    let with_rsv = |frame: Vec<u8>, rsv: u8| [&[frame[0] | rsv][..], &frame[1..]].concat();
+    let read = |input: &[u8]| {
+        let mut reader = FrameReader::new(false, MAX).with_deflate(true);
+        let mut buf = input;
+        let mut frames = Vec::new();
+        while let Some(step) = reader.next(&mut buf)? {
+            if let Step::Data { frame, offset: 0, .. } = step {
+                frames.push((frame.opcode(), frame.compressed));
+            }
+        }
+        Ok::<_, Violation>(frames)
+    };
+    // A compressed message in two frames: RSV1 on the first only, and written back the same way.
+    let message =
+        [with_rsv(wire(false, OP_TEXT, b"ab", false), RSV1), wire(true, OP_CONTINUATION, b"cd", false)].concat();
+    assert_eq!(read(&message), Ok(vec![(OP_TEXT | RSV1, true), (OP_CONTINUATION, true)]));
+    assert_eq!(read(&wire(true, OP_BINARY, b"x", false)), Ok(vec![(OP_BINARY, false)]), "uncompressed is fine too");
+    for (what, input) in [
+        (
+            "RSV1 on a continuation",
+            [wire(false, OP_TEXT, b"a", false), with_rsv(wire(true, 0, b"b", false), RSV1)].concat(),
+        ),
+        ("RSV1 on a ping", with_rsv(wire(true, OP_PING, b"", false), RSV1)),
+        ("RSV2", with_rsv(wire(true, OP_TEXT, b"a", false), 0x20)),
+        ("RSV1 and RSV3", with_rsv(wire(true, OP_TEXT, b"a", false), RSV1 | 0x10)),
+    ] {
+        assert_eq!(read(&input).map_err(|v| v.code), Err(1002), "{what}");
+    }
+    // Without the extension, RSV1 is refused (the "RSV1" case above, for a client).
+    let mut plain = FrameReader::new(false, MAX);
+    assert!(plain.next(&mut &with_rsv(wire(true, OP_TEXT, b"a", false), RSV1)[..]).is_err());
+}

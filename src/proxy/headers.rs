@@ -127,8 +127,8 @@ pub fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// Checks the upstream's 101 against RFC 6455 §4.1 (the client's side of the handshake):
-/// `Upgrade: websocket`, `Connection: upgrade`, the accept key for `key`, no extension (wskeep
-/// offers none) and a subprotocol only if it is one of `offered`.
+/// `Upgrade: websocket`, `Connection: upgrade`, the accept key for `key` and a subprotocol only if
+/// it is one of `offered` (its extension is `deflate::agreed`'s to check).
 pub fn check_upgrade_response(headers: &HeaderMap, key: &str, offered: &[String]) -> Result<(), &'static str> {
     if !has_token(headers, header::UPGRADE, "websocket") {
         return Err("the upstream's 101 has no Upgrade: websocket");
@@ -140,9 +140,6 @@ pub fn check_upgrade_response(headers: &HeaderMap, key: &str, offered: &[String]
     let mut accepts = headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
     if !matches!((accepts.next(), accepts.next()), (Some(v), None) if v.as_bytes() == accept.as_bytes()) {
         return Err("the upstream answered with a wrong Sec-WebSocket-Accept");
-    }
-    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
-        return Err("the upstream chose an extension that was not offered");
     }
     let mut chosen = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter();
     match (chosen.next(), chosen.next()) {
@@ -431,7 +428,6 @@ mod tests {
             vec![good[0], good[1]],
             vec![good[0], good[1], ("sec-websocket-accept", "bm90IHRoZSBrZXk=")],
             vec![good[0], good[1], good[2], good[2]],
-            vec![good[0], good[1], good[2], ("sec-websocket-extensions", "permessage-deflate")],
             vec![good[0], good[1], good[2], ("sec-websocket-protocol", "v3")],
             vec![good[0], good[1], good[2], ("sec-websocket-protocol", "v1, v2")],
             vec![good[0], good[1], good[2], ("sec-websocket-protocol", "v1"), ("sec-websocket-protocol", "v2")],

@@ -2,6 +2,7 @@
 //! reverse-proxied by `http`. Both forward headers the same way (`headers`), and both pass the
 //! same request rules first (`headers::check_request`: 405 for `CONNECT`, 400 for a bad `Host`).
 
+pub mod deflate;
 pub mod headers;
 pub mod http;
 mod lone_leg;

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::upstream::{self, ConnectError, UpstreamIo};
-use super::{headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
+use super::{deflate, headers, lone_leg, text, Body, ConnMeta, Settings, Shared};
 use crate::admission::is_out_of_resources;
 use crate::legstream::LegStream;
 use crate::relay::{self, Outcome, RelaySettings};
@@ -66,8 +66,11 @@ pub async fn upgrade(
         return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
     }
     let offered = headers::offered_protocols(req.headers());
+    let deflate_offers =
+        if settings.config.compression.enabled { deflate::client_offers(req.headers()) } else { Vec::new() };
     let started = Instant::now();
-    let (upstream_response, upstream_upgrade) = match open_upstream(&req, &shared, &settings, &meta, &offered).await {
+    let upstream = open_upstream(&req, &shared, &settings, &meta, &offered, &deflate_offers).await;
+    let (upstream_response, upstream_upgrade, deflate) = match upstream {
         Ok(ok) => ok,
         Err(failure) => return refuse(failure, &shared),
     };
@@ -88,13 +91,18 @@ pub async fn upgrade(
         let accept = derive_accept_key(client_key.as_bytes());
         h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
     }
+    if let Some(agreed) = &deflate {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
+        metrics.compressed_connections.inc();
+    }
 
     let client_upgrade = hyper::upgrade::on(&mut req);
     let path = super::loggable_path(req.uri());
     let task_shared = shared.clone();
     let relay_settings = settings.relay.clone();
     shared.drain.spawn(async move {
-        relay_task(client_upgrade, upstream_upgrade, task_shared, relay_settings, meta, path).await;
+        let legs = Legs { client: client_upgrade, upstream: upstream_upgrade, deflate: deflate.is_some() };
+        relay_task(legs, task_shared, relay_settings, meta, path).await;
     });
     response
 }
@@ -119,14 +127,23 @@ fn validate_connect(headers: &hyper::HeaderMap) -> Result<(), headers::BadUpgrad
     Ok(())
 }
 
-/// Connects to the upstream and asks it for the same WebSocket; `Ok` only on a checked 101.
+/// The two legs' upgrades, and whether messages may be compressed.
+struct Legs {
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    deflate: bool,
+}
+
+/// Connects to the upstream and asks it for the same WebSocket; `Ok` only on a checked 101,
+/// with the permessage-deflate parameters it agreed to.
 async fn open_upstream(
     req: &Request<Incoming>,
     shared: &Shared,
     settings: &Settings,
     meta: &ConnMeta,
     offered: &[String],
-) -> Result<(Response<Incoming>, OnUpgrade), UpstreamFailure> {
+    deflate_offers: &[deflate::Params],
+) -> Result<(Response<Incoming>, OnUpgrade, Option<deflate::Params>), UpstreamFailure> {
     let upstream = &settings.config.upstream;
     let io = match upstream::connect(&upstream::Target::of(upstream), upstream.connect_timeout).await {
         Ok(io) => io,
@@ -153,6 +170,9 @@ async fn open_upstream(
     forwarded.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     forwarded.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
     forwarded.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_str(&key).expect("base64 is a header value"));
+    if let Some(offer) = deflate::offer_header(deflate_offers) {
+        forwarded.insert(header::SEC_WEBSOCKET_EXTENSIONS, offer);
+    }
     *upstream_req.headers_mut() = forwarded;
 
     let mut response = match tokio::time::timeout(upstream.response_timeout, sender.send_request(upstream_req)).await {
@@ -164,8 +184,9 @@ async fn open_upstream(
         return Err(UpstreamFailure::Refused(response));
     }
     headers::check_upgrade_response(response.headers(), &key, offered).map_err(UpstreamFailure::BadHandshake)?;
+    let agreed = deflate::agreed(response.headers(), deflate_offers).map_err(UpstreamFailure::BadHandshake)?;
     let upgrade = hyper::upgrade::on(&mut response);
-    Ok((response, upgrade))
+    Ok((response, upgrade, agreed))
 }
 
 /// Starts HTTP/1.1 on a fresh upstream connection; the connection task ends at the upgrade, or
@@ -214,8 +235,7 @@ fn refuse(failure: UpstreamFailure, shared: &Shared) -> Response<Body> {
 /// Waits for both upgrades, relays under the settings the upgrade started with, and reports the
 /// ending.
 async fn relay_task(
-    client: OnUpgrade,
-    upstream: OnUpgrade,
+    Legs { client, upstream, deflate }: Legs,
     shared: Arc<Shared>,
     settings: Arc<RelaySettings>,
     meta: ConnMeta,
@@ -240,7 +260,7 @@ async fn relay_task(
     metrics.connections_total.inc();
     metrics.websocket_upgrades[meta.http_version as usize].inc();
     metrics.connections_active.inc();
-    let guard = shared.connections.open_over(meta.peer, path, meta.http_version);
+    let guard = shared.connections.open_over(meta.peer, path, meta.http_version, deflate);
     let conn = &guard.info;
     let outcome = relay::run(client, upstream, &settings, metrics, conn, shared.drain.closing_token()).await;
     let duration = conn.started.elapsed();
@@ -275,7 +295,7 @@ async fn close_lone_leg(
             (End::UpstreamError, Some(Side::Upstream), Some((Side::Client, client)), 1014, "upstream connection lost")
         }
     };
-    let guard = shared.connections.open_over(meta.peer, path, meta.http_version);
+    let guard = shared.connections.open_over(meta.peer, path, meta.http_version, false);
     let mut codes = [(None, None); 2];
     if let Some(side) = lost {
         // That leg ended without a close frame.

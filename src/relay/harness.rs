@@ -16,7 +16,7 @@ use crate::jsonping::JsonPingMatcher;
 use crate::keepalive::{Keepalive, LegTimers, TimerSlots};
 use crate::legstream::LegStream;
 use crate::metrics::Metrics;
-use crate::vocab::Side;
+use crate::vocab::{HttpVersion, Side};
 
 /// The largest message either peer may send in the harness.
 pub const MAX_MESSAGE: u64 = 4096;
@@ -74,7 +74,8 @@ impl tokio::io::AsyncWrite for Wire {
 struct Fixture {
     settings: [RelaySettings; 2],
     metrics: Metrics,
-    conn: ConnGuard,
+    /// Without and with permessage-deflate negotiated.
+    conns: [ConnGuard; 2],
 }
 
 fn fixture() -> &'static Fixture {
@@ -96,24 +97,28 @@ fn fixture() -> &'static Fixture {
             }
         };
         let connections = Arc::new(Connections::default());
-        let conn = connections.open(([127, 0, 0, 1], 1).into(), "/".into());
-        Fixture { settings: [settings(false), settings(true)], metrics: Metrics::new(), conn }
+        let conns = [false, true]
+            .map(|deflate| connections.open_over(([127, 0, 0, 1], 1).into(), "/".into(), HttpVersion::Http1, deflate));
+        Fixture { settings: [settings(false), settings(true)], metrics: Metrics::new(), conns }
     })
 }
 
 /// Runs the script in `input` and checks what each peer was sent. Panics on a finding.
 ///
-/// The first byte picks the settings; then each step is an opcode byte and its argument:
+/// The first byte picks the settings (bit 0: JSON pings forwarded, bit 1: compression
+/// negotiated); then each step is an opcode byte and its argument:
 /// bytes arriving from a peer (a length byte, then that many bytes), a timer's ping or pong,
 /// or a transport that takes some bytes.
 pub fn run(input: &[u8]) {
     let Some((&setup, mut script)) = input.split_first() else { return };
     let fixture = fixture();
     let settings = &fixture.settings[(setup & 1) as usize];
-    let env = ConnEnv { settings, metrics: &fixture.metrics, conn: &fixture.conn.info };
+    let conn = &fixture.conns[(setup >> 1 & 1) as usize].info;
+    let env = ConnEnv { settings, metrics: &fixture.metrics, conn };
     let wires = [Wire::default(), Wire::default()];
-    let mut legs = [Side::Client, Side::Upstream]
-        .map(|side| Leg::new(side, LegStream::new(wires[side as usize].clone()), settings.max_message_size));
+    let mut legs = [Side::Client, Side::Upstream].map(|side| {
+        Leg::new(side, LegStream::new(wires[side as usize].clone()), settings.max_message_size, conn.deflate)
+    });
     let [client_timers, upstream_timers] = settings.timers;
     let mut keepalive =
         Keepalive::new(client_timers, upstream_timers, Default::default(), settings.timer_slots.clone());
@@ -168,8 +173,8 @@ pub fn run(input: &[u8]) {
     let out = wires.map(|w| std::mem::take(&mut w.state().1));
     for side in Side::BOTH {
         let to = side.other();
-        let received = messages(&out[to as usize], to, u64::MAX >> 1, true);
-        let sent = messages(&sent[side as usize], side, settings.max_message_size, false);
+        let received = messages(&out[to as usize], to, u64::MAX >> 1, conn.deflate, true);
+        let sent = messages(&sent[side as usize], side, settings.max_message_size, conn.deflate, false);
         check_forwarded(side, &received, &sent, settings);
     }
 }
@@ -178,34 +183,59 @@ pub fn run(input: &[u8]) {
 /// and did not forward left out), or a JSON pong of wskeep's own; a message still arriving is
 /// the start of the next one sent.
 fn check_forwarded(from: Side, received: &Messages, sent: &Messages, settings: &RelaySettings) {
-    let dropped = |m: &Vec<u8>| {
+    let dropped = |m: &Message| {
         from == Side::Client
             && settings.json_ping.as_deref().is_some_and(|matcher| {
-                !matcher.forward && std::str::from_utf8(m).ok().and_then(|t| matcher.answer(t)).is_some()
+                let answered = match m.compressed {
+                    // Only a message in one frame is inflated.
+                    true => m.frames == 1 && crate::inflate::small_text(&m.bytes, |t| matcher.answer(t)).is_some(),
+                    false => std::str::from_utf8(&m.bytes).ok().and_then(|t| matcher.answer(t)).is_some(),
+                };
+                !matcher.forward && m.text && answered
             })
     };
     let mut expected = sent.whole.iter().filter(|m| !dropped(m)).chain(sent.partial.iter());
     let mut next = expected.next();
     for message in &received.whole {
-        if next == Some(message) {
+        if next.is_some_and(|n| n.same_as(message)) {
             next = expected.next();
         } else {
+            // wskeep's own pongs are never compressed.
             assert!(
-                from == Side::Upstream && is_json_pong(message),
+                from == Side::Upstream && !message.compressed && is_json_pong(&message.bytes),
                 "{from:?} sent {next:?} next, its peer got {message:?}"
             );
         }
     }
     if let Some(partial) = &received.partial {
-        assert!(next.is_some_and(|n| n.starts_with(partial)), "{partial:?} is not the start of {next:?}");
+        assert!(
+            next.is_some_and(|n| n.compressed == partial.compressed && n.bytes.starts_with(&partial.bytes)),
+            "{partial:?} is not the start of {next:?}"
+        );
     }
 }
 
 /// The data messages of a stream of frames: the whole ones, and the start of one still open.
 #[derive(Debug, Default)]
 struct Messages {
-    whole: Vec<Vec<u8>>,
-    partial: Option<Vec<u8>>,
+    whole: Vec<Message>,
+    partial: Option<Message>,
+}
+
+#[derive(Debug, Default)]
+struct Message {
+    bytes: Vec<u8>,
+    text: bool,
+    /// Sent with RSV1 (permessage-deflate).
+    compressed: bool,
+    frames: u32,
+}
+
+impl Message {
+    /// The same message, however it was fragmented.
+    fn same_as(&self, other: &Message) -> bool {
+        (&self.bytes, self.text, self.compressed) == (&other.bytes, other.text, other.compressed)
+    }
 }
 
 /// The messages in what was written to (`output`) or by the peer on `side`, parsed as that
@@ -214,10 +244,10 @@ struct Messages {
 /// wskeep's own inside a fragmented message, no close on this path. A peer's input is taken up
 /// to where the relay stops: a frame that breaks the rules (frames forwarded before it stay
 /// forwarded), or a close.
-fn messages(wire: &[u8], side: Side, max: u64, output: bool) -> Messages {
+fn messages(wire: &[u8], side: Side, max: u64, deflate: bool, output: bool) -> Messages {
     // Frames from a client, and towards the upstream, are masked.
     let masked = if output { side == Side::Upstream } else { side == Side::Client };
-    let mut reader = FrameReader::new(masked, max);
+    let mut reader = FrameReader::new(masked, max).with_deflate(deflate);
     let mut bytes = wire;
     let mut found = Messages::default();
     let mut frame_payload = Vec::new();
@@ -239,13 +269,19 @@ fn messages(wire: &[u8], side: Side, max: u64, output: bool) -> Messages {
                     continue;
                 }
                 let mut message = found.partial.take().unwrap_or_default();
-                let before = message.len();
-                message.append(&mut frame_payload);
+                message.text = frame.kind == Kind::Text;
+                message.compressed = frame.compressed;
+                message.frames += 1;
+                let before = message.bytes.len();
+                message.bytes.append(&mut frame_payload);
                 // The relay forwards a text frame once the message so far is valid UTF-8 (an
-                // incomplete last character may still be finished by the next frame).
-                if !output && frame.kind == Kind::Text && !utf8_prefix_ok(&message, frame.fin) {
+                // incomplete last character may still be finished by the next frame); a
+                // compressed one is not text yet.
+                let text = frame.kind == Kind::Text && !frame.compressed;
+                if !output && text && !utf8_prefix_ok(&message.bytes, frame.fin) {
                     // Its earlier frames (if it had any) were forwarded.
-                    message.truncate(before);
+                    message.bytes.truncate(before);
+                    message.frames -= 1;
                     found.partial = (!frame.first).then_some(message);
                     break;
                 }
@@ -302,6 +338,32 @@ mod tests {
             script.extend([2, 6, 1, 6, 1]);
             script.extend([1, last.len() as u8]);
             script.extend(&last);
+            script.extend([6, 0, 7, 255]);
+            super::run(&script);
+        }
+    }
+
+    #[test]
+    fn compressed_messages_cross_unchanged_and_a_compressed_ping_is_answered() {
+        use crate::frame::{write_frame, OP_CONTINUATION, OP_TEXT, RSV1};
+        // `{"type":"ping"}` compressed on its own, as a stored block (RFC 7692 §7.2.3.3).
+        let ping = br#"{"type":"ping"}"#;
+        let mut deflated = vec![0x00, ping.len() as u8, 0x00, !(ping.len() as u8), 0xff];
+        deflated.extend_from_slice(ping);
+        deflated.push(0x00);
+        let mut client_ping = Vec::new();
+        write_frame(&mut client_ping, true, OP_TEXT | RSV1, &deflated, Some([3; 4]));
+        let mut first = Vec::new();
+        write_frame(&mut first, false, OP_TEXT | RSV1, &[0xf2, 0x48], None);
+        let mut last = Vec::new();
+        write_frame(&mut last, true, OP_CONTINUATION, &[0xcd, 0xc9, 0xc9, 0x07, 0x00], None);
+        // Bit 1: compression negotiated; bit 0: JSON pings forwarded or not.
+        for setup in [2u8, 3] {
+            let mut script = vec![setup];
+            for (op, frame) in [(1u8, &first), (0, &client_ping), (1, &last)] {
+                script.extend([op, frame.len() as u8]);
+                script.extend(frame);
+            }
             script.extend([6, 0, 7, 255]);
             super::run(&script);
         }

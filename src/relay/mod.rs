@@ -103,12 +103,12 @@ struct Leg {
 }
 
 impl Leg {
-    fn new(side: Side, io: LegStream, max_message_size: u64) -> Leg {
+    fn new(side: Side, io: LegStream, max_message_size: u64, deflate: bool) -> Leg {
         let from_client = side == Side::Client;
         Leg {
             side,
             io,
-            reader: FrameReader::new(from_client, max_message_size),
+            reader: FrameReader::new(from_client, max_message_size).with_deflate(deflate),
             out: Outbox::new(!from_client),
             in_transit: FrameInTransit::default(),
         }
@@ -135,8 +135,8 @@ pub async fn run(
     let signal = std::pin::pin!(closing.clone().cancelled_owned());
     let mut relay = Relay {
         legs: [
-            Leg::new(Side::Client, client, settings.max_message_size),
-            Leg::new(Side::Upstream, upstream, settings.max_message_size),
+            Leg::new(Side::Client, client, settings.max_message_size, conn.deflate),
+            Leg::new(Side::Upstream, upstream, settings.max_message_size, conn.deflate),
         ],
         keepalive: Keepalive::new(client_timers, upstream_timers, slack, settings.timer_slots.clone()),
         env: ConnEnv { settings, metrics, conn },

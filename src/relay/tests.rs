@@ -45,8 +45,8 @@ async fn a_frame_that_arrived_is_read_before_the_idle_deadline_is_judged() {
     let [client_timers, upstream_timers] = settings.timers;
     let mut relay = Relay {
         legs: [
-            Leg::new(Side::Client, LegStream::new(client_near), settings.max_message_size),
-            Leg::new(Side::Upstream, LegStream::new(upstream_near), settings.max_message_size),
+            Leg::new(Side::Client, LegStream::new(client_near), settings.max_message_size, false),
+            Leg::new(Side::Upstream, LegStream::new(upstream_near), settings.max_message_size, false),
         ],
         keepalive: Keepalive::new(client_timers, upstream_timers, Duration::ZERO, settings.timer_slots.clone()),
         env: ConnEnv { settings: &settings, metrics: &metrics, conn: &guard.info },

@@ -14,6 +14,7 @@ use super::ending::{received_close, CloseMsg, Ending};
 use super::outbox::Outbox;
 use super::{ConnEnv, Leg, SCRATCH};
 use crate::frame::{self, Control, DataFrame, FrameReader, Kind, Step, Utf8Check, Violation};
+use crate::inflate;
 use crate::keepalive::Keepalive;
 use crate::vocab::Side;
 
@@ -196,15 +197,20 @@ fn carry_piece(
         if frame.first {
             in_transit.utf8 = Utf8Check::default();
         }
-        let text = if frame.first && frame.fin {
-            Some(std::str::from_utf8(payload).map_err(|_| Violation::INVALID_UTF8)?)
+        // A JSON ping is a whole text message from the client (browsers never fragment one).
+        let matcher = env.settings.json_ping.as_deref().filter(|_| from == Side::Client);
+        let reply = if frame.compressed {
+            // Its UTF-8 is the endpoints' to check; only a candidate ping is inflated.
+            let whole = frame.first && frame.fin;
+            matcher.filter(|_| whole).and_then(|m| inflate::small_text(payload, |text| m.answer(text)))
+        } else if frame.first && frame.fin {
+            let text = std::str::from_utf8(payload).map_err(|_| Violation::INVALID_UTF8)?;
+            matcher.and_then(|m| m.answer(text))
         } else {
             in_transit.utf8.check(payload, frame.fin).map_err(|_| Violation::INVALID_UTF8)?;
             None
         };
-        // A JSON ping is a whole text message from the client (browsers never fragment one).
-        let matcher = env.settings.json_ping.as_deref().filter(|_| from == Side::Client);
-        if let Some((matcher, reply)) = matcher.and_then(|m| Some((m, m.answer(text?)?))) {
+        if let (Some(matcher), Some(reply)) = (matcher, reply) {
             if back.push_frame(frame::OP_TEXT, reply.as_bytes()) {
                 env.metrics.json_pings_answered.inc();
             }

@@ -58,6 +58,14 @@ impl Common {
     }
 }
 
+/// The messages `throughput` sends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MessageKind {
+    pub binary: bool,
+    /// permessage-deflate: offered, required, and every message sent with RSV1.
+    pub compressed: bool,
+}
+
 /// Echoed messages per second with `window` messages in flight on each connection.
 pub async fn throughput(
     common: &Common,
@@ -65,19 +73,33 @@ pub async fn throughput(
     size: usize,
     window: usize,
     duration: Duration,
-    binary: bool,
+    kind: MessageKind,
 ) -> Result<serde_json::Value, client::ClientError> {
-    let mut common = common.clone();
-    common.prepare()?;
     let echoed = Arc::new(AtomicU64::new(0));
+    let mut options = common.options(None);
+    if kind.compressed {
+        options.headers.push(("Sec-WebSocket-Extensions".into(), "permessage-deflate".into()));
+    }
+    let http2 = match common.http2_streams {
+        Some(streams) => Some(client::Http2Sessions::new(&common.url, options.clone(), streams)?),
+        None => None,
+    };
     let mut connections = Vec::with_capacity(conns);
     for _ in 0..conns {
-        connections.push(common.open(None).await?);
+        let conn = match &http2 {
+            Some(sessions) => sessions.open(None).await?,
+            None => client::connect(&common.url, &options).await?,
+        };
+        if kind.compressed && !conn.extensions.as_deref().is_some_and(|e| e.starts_with("permessage-deflate")) {
+            return Err(client::ClientError::Handshake("the server did not agree to permessage-deflate".into()));
+        }
+        connections.push(conn);
     }
     let start = Instant::now();
     let stop = start + duration;
-    let payload: Arc<[u8]> = vec![b'x'; size].into();
-    let opcode = if binary { OP_BINARY } else { OP_TEXT };
+    let plain = vec![b'x'; size];
+    let payload: Arc<[u8]> = if kind.compressed { deflate_stored(&plain) } else { plain }.into();
+    let opcode = if kind.binary { OP_BINARY } else { OP_TEXT } | if kind.compressed { crate::frame::RSV1 } else { 0 };
     let mut tasks = Vec::new();
     for conn in connections {
         let Connection { mut reader, mut writer, .. } = conn;
@@ -118,11 +140,33 @@ pub async fn throughput(
     let rate = n as f64 / secs;
     println!(
         "throughput: {conns} connections, {size} B {}, window {window}: {n} echoed in {secs:.1}s = {rate:.0} msg/s, {:.1} MB/s",
-        if binary { "binary" } else { "text" },
+        match (kind.binary, kind.compressed) {
+            (true, false) => "binary",
+            (false, false) => "text",
+            (true, true) => "binary, compressed",
+            (false, true) => "text, compressed",
+        },
         rate * size as f64 / 1e6
     );
     Ok(json!({"scenario": "throughput", "conns": conns, "size": size, "window": window, "messages": n,
         "seconds": secs, "messages_per_second": rate, "megabytes_per_second": rate * size as f64 / 1e6}))
+}
+
+/// `data` as one permessage-deflate message in DEFLATE stored blocks (RFC 1951 §3.2.4), without
+/// the sync flush's last four bytes (RFC 7692 §7.2.1): valid for any inflater, and the relay's
+/// work is the same as for compressed bytes.
+fn deflate_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    for block in data.chunks(0xffff) {
+        let len = block.len() as u16;
+        out.push(0x00); // not final, stored
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    // The sync flush: an empty stored block whose LEN and NLEN are left off.
+    out.push(0x00);
+    out
 }
 
 /// Round-trip time percentiles at a fixed aggregate rate, one message in flight per connection.
@@ -275,4 +319,16 @@ pub async fn idle(
     println!("idle: {lost} connection(s) lost during the hold, {failed} failed to open, {pings} pings answered");
     Ok(json!({"scenario": "idle", "conns": conns, "opened": opened, "failed": failed,
         "handshakes_per_second": rate, "lost": lost, "pings_answered": pings, "hold_seconds": hold.as_secs_f64()}))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stored_blocks_inflate_to_the_message() {
+        for len in [0, 64, 1000] {
+            let text = "x".repeat(len);
+            let inflated = crate::inflate::small_text(&super::deflate_stored(text.as_bytes()), |t| Some(t.to_owned()));
+            assert_eq!(inflated.as_deref(), Some(text.as_str()));
+        }
+    }
 }

@@ -91,6 +91,8 @@ pub struct Connection {
     pub writer: OutgoingFrames<WriteHalf<Box<dyn Io>>>,
     /// The subprotocol the server chose.
     pub protocol: Option<String>,
+    /// The extensions the server agreed to (`Sec-WebSocket-Extensions`).
+    pub extensions: Option<String>,
 }
 
 /// Connects, upgrades, and returns the framed connection.
@@ -156,7 +158,7 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
     io.flush().await?;
 
     let mut buf = BytesMut::with_capacity(1024);
-    let (status, accept, protocol, head_len, content_length) = loop {
+    let (status, accept, protocol, extensions, head_len, content_length) = loop {
         if io.read_buf(&mut buf).await? == 0 {
             return Err(ClientError::Handshake("connection closed during the handshake".into()));
         }
@@ -176,6 +178,7 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
                     response.code.unwrap_or(0),
                     find("sec-websocket-accept"),
                     find("sec-websocket-protocol"),
+                    find("sec-websocket-extensions"),
                     len,
                     length,
                 );
@@ -200,11 +203,17 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
     if accept.as_deref() != Some(derive_accept_key(key.as_bytes()).as_str()) {
         return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
     }
-    Ok(framed(io, buf, protocol, options))
+    Ok(framed(io, buf, protocol, extensions, options))
 }
 
 /// The framed connection over an upgraded stream; `buf` holds bytes read past the handshake.
-fn framed(io: Box<dyn Io>, buf: BytesMut, protocol: Option<String>, options: &ClientOptions) -> Connection {
+fn framed(
+    io: Box<dyn Io>,
+    buf: BytesMut,
+    protocol: Option<String>,
+    extensions: Option<String>,
+    options: &ClientOptions,
+) -> Connection {
     let (read, write) = tokio::io::split(io);
     Connection {
         reader: IncomingFrames {
@@ -215,6 +224,7 @@ fn framed(io: Box<dyn Io>, buf: BytesMut, protocol: Option<String>, options: &Cl
         },
         writer: OutgoingFrames { io: write, buf: BytesMut::with_capacity(256) },
         protocol,
+        extensions,
     }
 }
 
@@ -287,12 +297,12 @@ impl Http2Sessions {
                         .unwrap_or_default();
                 return Err(ClientError::Refused { status, body });
             }
-            let protocol = response
-                .headers()
-                .get("sec-websocket-protocol")
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let header =
+                |name: &str| response.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let (protocol, extensions) = (header("sec-websocket-protocol"), header("sec-websocket-extensions"));
             let upgraded = hyper::upgrade::on(response).await.map_err(failed)?;
-            Ok(framed(Box::new(hyper_util::rt::TokioIo::new(upgraded)), BytesMut::new(), protocol, options))
+            let io = Box::new(hyper_util::rt::TokioIo::new(upgraded));
+            Ok(framed(io, BytesMut::new(), protocol, extensions, options))
         };
         match self.options.timeout {
             Some(limit) => tokio::time::timeout(limit, work).await.map_err(|_| ClientError::Timeout)?,

@@ -9,7 +9,7 @@
 # Environment (defaults in brackets):
 #   ROUNDS [3]          rounds; round r runs the proxies in PROXIES rotated by r, medians are reported
 #   DURATION [10s]      length of scenarios 1-3
-#   SCENARIOS [1 2 3 4 5]
+#   SCENARIOS [1 2 3 4 5 6]
 #                       1: 64 B text, 50 connections, window 16          (messages/s, proxy CPU per message)
 #                       2: 16 KiB binary, 20 connections, window 4       (messages/s, proxy CPU per message)
 #                       3: latency, 2,000 messages/s over 100 connections (p50, p99, proxy CPU)
@@ -20,6 +20,10 @@
 #                          Its direct run is the kernel floor, tests/bench/floor.c (built with cc):
 #                          the same writes and reads on as many loopback sockets, nothing else
 #                          (nginx and HAProxy have no keepalive of their own: not run)
+#                       6: as 1, compressed: permessage-deflate agreed end to end with a Python
+#                          `websockets` echo upstream (tests/compression/peers.py, from
+#                          tests/networks/install.sh's venv), every message sent with RSV1
+#                          (msg/s is the Python echo's; proxy CPU per message is the figure)
 #   PROXIES [direct nginx haproxy wskeep]
 #                       also wskeep-wss: wskeep with a wss:// upstream (a second wskeep terminating
 #                       TLS in front of the echo upstream, on CPU 0), for the cost of a TLS upstream leg;
@@ -48,7 +52,7 @@ cd "$(dirname "$0")/../.."
 bin=$(realpath "${1:-target/release/wskeep}")
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
-SCENARIOS=${SCENARIOS:-1 2 3 4 5}
+SCENARIOS=${SCENARIOS:-1 2 3 4 5 6}
 PROXIES=${PROXIES:-direct nginx haproxy wskeep}
 IDLE_CONNS=${IDLE_CONNS:-9500}
 IDLE_HOLD=${IDLE_HOLD:-20s}
@@ -72,6 +76,10 @@ for p in $PROXIES; do
   esac
 done
 [[ -x "$bin" ]] || { echo "compare.sh: $bin not found (cargo build --release --locked)" >&2; exit 1; }
+python_ws=${XDG_CACHE_HOME:-$HOME/.cache}/wskeep/websockets-venv/bin/python
+if [[ " $SCENARIOS " == *" 6 "* && ! -x $python_ws ]]; then
+  echo "compare.sh: scenario 6 needs $python_ws (tests/networks/install.sh)" >&2; exit 1
+fi
 [[ $(nproc) -ge 2 ]] || { echo "compare.sh: needs two CPUs (proxy on 1, load on 0)" >&2; exit 1; }
 
 ulimit -n "$(ulimit -Hn)"
@@ -111,9 +119,15 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
 
 echo_pid=; proxy_pid=; proxy_port=; admin_port=; tls_echo_pid=
+# start_echo [compressing]: `wskeep bench echo`, or the Python echo that agrees to permessage-deflate.
 start_echo() {
   echo_port=$(free_port)
-  taskset -c 0 "$bin" bench echo --listen "127.0.0.1:$echo_port" >>"$OUT/echo.log" 2>&1 & echo_pid=$!; pids+=("$echo_pid")
+  if [[ -n ${1:-} ]]; then
+    taskset -c 0 "$python_ws" tests/compression/peers.py upstream "$echo_port" >>"$OUT/echo.log" 2>&1 & echo_pid=$!
+  else
+    taskset -c 0 "$bin" bench echo --listen "127.0.0.1:$echo_port" >>"$OUT/echo.log" 2>&1 & echo_pid=$!
+  fi
+  pids+=("$echo_pid")
   wait_tcp "$echo_port" || { echo "echo upstream did not start" >&2; exit 1; }
 }
 
@@ -335,12 +349,14 @@ scenario() {
   local s=$1 tag="r${round}-${current}-s$1"
   log "round $round: $current, scenario $s"
   if [[ $s == 5 && $current == direct ]]; then floor_s5; return 0; fi
-  start_echo
+  start_echo "$([[ $s == 6 ]] && echo compressing)"
   start_proxy "$current" "$([[ $s == 5 ]] && echo keepalive)"
   case $s in
-    1|2)
+    1|2|6)
       if [[ $s == 1 ]]; then
         bench_cpu "$tag" $((dur_s + 120)) throughput "$(url)" --conns 50 --size 64 --window 16 --duration "$DURATION" $(tls)
+      elif [[ $s == 6 ]]; then
+        bench_cpu "$tag" $((dur_s + 120)) throughput "$(url)" --conns 50 --size 64 --window 16 --duration "$DURATION" --compressed $(tls)
       else
         bench_cpu "$tag" $((dur_s + 120)) throughput "$(url)" --conns 20 --size 16384 --window 4 --duration "$DURATION" --binary $(tls)
       fi || { stop_all; return 0; }
@@ -476,6 +492,9 @@ rows = [
     ("s5.bytes_per_conn", "   RSS per connection (total RSS / conns), B", "lower", "{:.0f}"),
     ("s5.lost", "   connections lost or failed", "lower", "{:.0f}"),
     ("s5.pings_sent", "   pings sent (both legs, whole run)", "", "{:.0f}"),
+    ("s6.msgs", "6  as 1, permessage-deflate (Python echo): msg/s", "higher", "{:.0f}"),
+    ("s6.cpu_us_per_msg", "   proxy CPU per echoed message, us", "lower", "{:.2f}"),
+    ("s6.cpu_pct", "   proxy CPU, % of one core", "", "{:.0f}"),
 ]
 cols = proxies + ["wskeep/nginx", "wskeep/haproxy"]
 w0 = max(len(r[1]) for r in rows) + 1

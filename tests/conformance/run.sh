@@ -5,8 +5,15 @@
 #
 #   tests/conformance/run.sh [WSKEEP_BINARY]        # default target/release/wskeep
 #   UPSTREAM_PING=50ms tests/conformance/run.sh     # with keepalive pings on the upstream leg
+#   UPSTREAM=websockets CASES="12.* 13.*" tests/conformance/run.sh   # compression, end to end
 #
 # Environment:
+#   UPSTREAM             the echo upstream: "wskeep" (`wskeep bench echo`, no extension; default) or
+#                        "websockets" (Python websockets with its default permessage-deflate,
+#                        tests/compression/peers.py: the compression cases 12.* and 13.* run
+#                        end to end through wskeep's pass-through)
+#   DIRECT               1: kosoku talks to the echo upstream itself, without wskeep (the
+#                        reference counts the README compares with)
 #   UPSTREAM_PING        upstream_keepalive.ping_interval for wskeep (default 0s: off)
 #   CASES                space-separated case ids or globs to run (default: the whole suite)
 #   EXCLUDE              space-separated case ids or globs to leave out
@@ -38,9 +45,13 @@ fi
 [[ -x "$BIN" ]] || { echo "run.sh: wskeep binary not found or not executable: $BIN" >&2; exit 2; }
 
 UPSTREAM_PING=${UPSTREAM_PING:-0s}
+UPSTREAM=${UPSTREAM:-wskeep}
+DIRECT=${DIRECT:-0}
 KOSOKU_PARALLELISM=${KOSOKU_PARALLELISM:-1}
 KOSOKU_TIMEOUT=${KOSOKU_TIMEOUT:-900}
-OUT=${CONFORMANCE_OUT:-$root/target/conformance/upstream_ping_$UPSTREAM_PING}
+suffix=$UPSTREAM
+[[ "$DIRECT" == 1 ]] && suffix+=_direct
+OUT=${CONFORMANCE_OUT:-$root/target/conformance/${suffix}_upstream_ping_$UPSTREAM_PING}
 
 if [[ -z "${KOSOKU:-}" ]]; then
     KOSOKU=$("$here/install.sh" | tail -n1)
@@ -124,11 +135,17 @@ EOF
 # its port (another process took it meanwhile: pick new ports and try again),
 # 1 on any other failure.
 start_echo() {
-    "$BIN" bench echo --listen "127.0.0.1:$UP" >"$OUT/echo.log" 2>&1 &
+    if [[ "$UPSTREAM" == websockets ]]; then
+        "$root/tests/networks/install.sh" >&2
+        "${XDG_CACHE_HOME:-$HOME/.cache}/wskeep/websockets-venv/bin/python" \
+            "$root/tests/compression/peers.py" upstream "$UP" >"$OUT/echo.log" 2>&1 &
+    else
+        "$BIN" bench echo --listen "127.0.0.1:$UP" >"$OUT/echo.log" 2>&1 &
+    fi
     ECHO_PID=$!
     pids+=("$ECHO_PID")
     local deadline=$((SECONDS + 30))
-    until grep -q listening "$OUT/echo.log" 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$UP") 2>/dev/null; do
+    until grep -qE "listening|ready" "$OUT/echo.log" 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$UP") 2>/dev/null; do
         if ! kill -0 "$ECHO_PID" 2>/dev/null; then
             grep -qi "in use" "$OUT/echo.log" && return 2
             echo "run.sh: echo upstream exited before listening" >&2; log_tail "$OUT/echo.log"; return 1
@@ -206,14 +223,18 @@ if [[ -z "${CASES:-}${EXCLUDE:-}" ]]; then
     expect=$("$(dirname "$KOSOKU")/python" -c 'from kosoku.cases import CASES; print(len(CASES))' 2>/dev/null || echo 1)
 fi
 
+target=$PORT path="ws://127.0.0.1:$PORT (wskeep) -> ws://127.0.0.1:$UP ($UPSTREAM echo)"
+if [[ "$DIRECT" == 1 ]]; then
+    target=$UP path="ws://127.0.0.1:$UP ($UPSTREAM echo, directly)"
+fi
 echo "conformance: kosoku $("$(dirname "$KOSOKU")/python" -c 'import importlib.metadata as m; print(m.version("kosoku"))' 2>/dev/null || echo '?')" \
-     "-> ws://127.0.0.1:$PORT (wskeep) -> ws://127.0.0.1:$UP (echo);" \
+     "-> $path;" \
      "max_message_size 16MiB, upstream ping_interval $UPSTREAM_PING, parallelism $KOSOKU_PARALLELISM"
 started=$SECONDS
 set +e
 timeout --kill-after=10 "$KOSOKU_TIMEOUT" \
     "$KOSOKU" --mode fuzzingclient --parallelism "$KOSOKU_PARALLELISM" --outdir "$OUT/reports" \
-    "${select_args[@]}" "ws://127.0.0.1:$PORT" >"$OUT/kosoku.log" 2>&1
+    "${select_args[@]}" "ws://127.0.0.1:$target" >"$OUT/kosoku.log" 2>&1
 krc=$?
 set -e
 echo "conformance: suite ran in $((SECONDS - started)) s (kosoku exit $krc; it exits 1 whenever a case is not OK/NON-STRICT/INFORMATIONAL, UNIMPLEMENTED included)"
