@@ -642,3 +642,69 @@ async fn an_idle_http2_connection_is_closed_unless_it_carries_a_websocket() {
     ws.send(Message::text("still open")).await.unwrap();
     assert_eq!(next_message(&mut ws).await, Some(Message::text("still open")));
 }
+
+/// What an HTTP/2 WebSocket handshake must carry: version 13 (426 with the supported version
+/// otherwise, as on HTTP/1.1), and `:protocol websocket` (another protocol is a plain CONNECT:
+/// 405). Each refusal ends its stream only.
+#[tokio::test]
+async fn bad_extended_connects_are_refused_on_their_stream() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), "")).await;
+    let h2 = h2_connect(sidecar.addr, &cert).await;
+    let connect = |protocol: &'static str, version: &str| {
+        let mut request = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://localhost:{}/x", h2.port))
+            .header("sec-websocket-version", version)
+            .body(())
+            .unwrap();
+        request.extensions_mut().insert(h2::ext::Protocol::from_static(protocol));
+        request
+    };
+    for (request, want) in [(connect("websocket", "8"), 426), (connect("webtransport", "13"), 405)] {
+        let mut client = h2.client.clone().ready().await.unwrap();
+        let (response, _) = client.send_request(request, false).unwrap();
+        let response = tokio::time::timeout(LIMIT, response).await.unwrap().unwrap();
+        assert_eq!(response.status().as_u16(), want);
+        if want == 426 {
+            assert_eq!(response.headers().get("sec-websocket-version").unwrap(), "13");
+        }
+    }
+    let text = common::scrape(sidecar.admin).await;
+    assert_eq!(common::metric(&text, r#"wskeep_upgrade_failures_total{reason="bad_request"}"#), 1.0, "{text}");
+    assert!(upstream.seen.lock().unwrap().is_empty(), "nothing reached the upstream");
+    let (mut ws, _) = h2.websocket("/fine", &[]).await.unwrap();
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("ok")));
+}
+
+/// `listen.http2 = false`: a client offering `h2` and `http/1.1` gets HTTP/1.1.
+#[tokio::test]
+async fn http2_off_offers_only_http1() {
+    use rustls::pki_types::pem::PemObject;
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let mut config = common::test_config(upstream.addr, Some(&cert), "");
+    config.listen.http2 = false;
+    let sidecar = common::start_sidecar(config).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(sidecar.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut ws = common::wss(sidecar.addr, &cert, "/h1", &[]).await;
+    ws.send(Message::text("one")).await.unwrap();
+    assert_eq!(common::next_message(&mut ws, LIMIT).await, Some(Message::text("one")));
+    let text = await_metric(sidecar.admin, UPGRADES_H1, 1.0).await;
+    assert_eq!(common::metric(&text, UPGRADES_H2), 0.0);
+}
