@@ -386,7 +386,8 @@ async fn serve_connection(
 /// The HTTP/2 settings that bound a connection's memory (README, "HTTP/2"): what a client may
 /// send on a stream before wskeep reads it, and on all its streams together. The stream window
 /// also caps what hyper buffers of a plain response body for a client that does not read
-/// (`max_send_buf_size`); a WebSocket stream's writes wait in hyper one at a time.
+/// (`max_send_buf_size`); of a WebSocket stream's writes, hyper holds at most four (its bridge's
+/// channel, one waiting for the window, one in h2's queue).
 mod http2_limits {
     pub const STREAM_WINDOW: u32 = 128 * 1024;
     pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
