@@ -708,3 +708,40 @@ async fn http2_off_offers_only_http1() {
     let text = await_metric(sidecar.admin, UPGRADES_H1, 1.0).await;
     assert_eq!(common::metric(&text, UPGRADES_H2), 0.0);
 }
+
+/// The real binary: a WebSocket over HTTP/2 ends with a `connection closed` line that says
+/// `http_version` 2, and SIGTERM closes an open one with 1001 before the process exits 0.
+#[tokio::test]
+async fn the_binary_logs_the_transport_and_drains_http2_websockets() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let (tls_cert, tls_key) = (cert.cert.display().to_string(), cert.key.display().to_string());
+    let mut wskeep = common::binary::Wskeep::start_with(|port, admin| {
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{port}\"\ntls_cert = {tls_cert:?}\ntls_key = {tls_key:?}\n\
+             [admin]\naddr = \"127.0.0.1:{admin}\"\n[upstream]\nurl = \"ws://{}\"\n\
+             [shutdown]\ndrain_timeout = \"300ms\"\n[log]\nformat = \"json\"\n",
+            upstream.addr
+        )
+    })
+    .await;
+    let h2 = h2_connect(wskeep.addr, &cert).await;
+    let (mut first, _) = h2.websocket("/first", &[]).await.unwrap();
+    first.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut first).await, Some(Message::text("hi")));
+    first.close(None).await.unwrap();
+    let line = wskeep.wait_log_line(&["connection closed", "/first"], LIMIT).await;
+    assert!(line.contains(r#""http_version":"2""#), "{line}");
+    assert!(line.contains(r#""end":"client_close""#), "{line}");
+
+    let (mut second, _) = h2.websocket("/second", &[]).await.unwrap();
+    wskeep.signal("TERM");
+    match next_message(&mut second).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("no 1001 on the HTTP/2 stream: {other:?}"),
+    }
+    let _ = next_message(&mut second).await;
+    let status = wskeep.wait_exit(LIMIT).await.expect("wskeep exits after the drain");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(await_closes(&upstream.closes, 2).await.last(), Some(&(1001, "going away".to_string())));
+}
