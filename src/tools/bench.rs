@@ -16,15 +16,30 @@ use tokio::time::Instant;
 
 use crate::tools::client::{self, ClientOptions, Connection, Incoming, Target, OP_BINARY, OP_PONG, OP_TEXT};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Common {
     pub url: String,
     pub insecure: bool,
     /// Trust this PEM bundle instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Open the WebSockets as streams of HTTP/2 connections (RFC 8441), this many per connection.
+    pub http2_streams: Option<usize>,
+    http2: Option<Arc<client::Http2Sessions>>,
 }
 
 impl Common {
+    pub fn new(url: String, insecure: bool, ca_file: Option<PathBuf>, http2_streams: Option<usize>) -> Common {
+        Common { url, insecure, ca_file, http2_streams, http2: None }
+    }
+
+    /// Sets up the HTTP/2 sessions, if asked for; before the first `open`.
+    fn prepare(&mut self) -> Result<(), client::ClientError> {
+        if let (Some(streams), None) = (self.http2_streams, &self.http2) {
+            self.http2 = Some(Arc::new(client::Http2Sessions::new(&self.url, self.options(None), streams)?));
+        }
+        Ok(())
+    }
+
     fn options(&self, bind: Option<IpAddr>) -> ClientOptions {
         ClientOptions {
             insecure: self.insecure,
@@ -36,7 +51,10 @@ impl Common {
     }
 
     async fn open(&self, bind: Option<IpAddr>) -> Result<Connection, client::ClientError> {
-        client::connect(&self.url, &self.options(bind)).await
+        match &self.http2 {
+            Some(sessions) => sessions.open(bind).await,
+            None => client::connect(&self.url, &self.options(bind)).await,
+        }
     }
 }
 
@@ -62,9 +80,16 @@ pub async fn throughput(
     if kind.compressed {
         options.headers.push(("Sec-WebSocket-Extensions".into(), "permessage-deflate".into()));
     }
+    let http2 = match common.http2_streams {
+        Some(streams) => Some(client::Http2Sessions::new(&common.url, options.clone(), streams)?),
+        None => None,
+    };
     let mut connections = Vec::with_capacity(conns);
     for _ in 0..conns {
-        let conn = client::connect(&common.url, &options).await?;
+        let conn = match &http2 {
+            Some(sessions) => sessions.open(None).await?,
+            None => client::connect(&common.url, &options).await?,
+        };
         if kind.compressed && !conn.extensions.as_deref().is_some_and(|e| e.starts_with("permessage-deflate")) {
             return Err(client::ClientError::Handshake("the server did not agree to permessage-deflate".into()));
         }
@@ -152,6 +177,8 @@ pub async fn latency(
     duration: Duration,
     size: usize,
 ) -> Result<serde_json::Value, client::ClientError> {
+    let mut common = common.clone();
+    common.prepare()?;
     let mut connections = Vec::with_capacity(conns);
     for _ in 0..conns {
         connections.push(common.open(None).await?);
@@ -226,6 +253,8 @@ pub async fn idle(
     hold: Duration,
     parallel: usize,
 ) -> Result<serde_json::Value, client::ClientError> {
+    let mut common = common.clone();
+    common.prepare()?;
     let target = Target::parse(&common.url)?;
     let loopback = target.host.starts_with("127.") || target.host == "localhost";
     let limiter = Arc::new(Semaphore::new(parallel.max(1)));
