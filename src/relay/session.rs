@@ -345,7 +345,7 @@ impl Relay<'_, Session> {
     fn detach(&mut self) {
         let client = &mut self.legs[0];
         client.io = LegStream::new(Parked);
-        client.reader = FrameReader::new(true, self.env.settings.max_message_size);
+        client.reader = FrameReader::new(true, self.env.settings.max_message_size).with_deflate(self.env.conn.deflate);
         client.in_transit = FrameInTransit::default();
         // A client frame that never fully arrived is not sent upstream.
         self.legs[1].out.drop_partial();
@@ -371,7 +371,7 @@ impl Relay<'_, Session> {
                 crate::proxy::lone_leg::close(old, Side::Client, REPLACED.0, REPLACED.1).await;
             });
         }
-        client.reader = FrameReader::new(true, self.env.settings.max_message_size);
+        client.reader = FrameReader::new(true, self.env.settings.max_message_size).with_deflate(self.env.conn.deflate);
         client.in_transit = FrameInTransit::default();
         self.legs[1].out.drop_partial();
         let session = &mut self.hooks;
