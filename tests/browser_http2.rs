@@ -8,8 +8,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use common::chromium::Browser;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
 /// How long the page keeps its WebSocket, sending a JSON ping every `EVERY`.
 const RUN_FOR: Duration = Duration::from_millis(2500);
 const EVERY: Duration = Duration::from_millis(200);
@@ -164,66 +162,6 @@ async fn http(mut tcp: TcpStream, results: mpsc::UnboundedSender<Value>) {
         if tcp.write_all(response.as_bytes()).await.is_err() {
             return;
         }
-    }
-}
-
-/// Headless Chromium in its own process group; killed (group and process, by id) when dropped.
-struct Browser {
-    child: Child,
-    _profile: tempfile::TempDir,
-    log: std::path::PathBuf,
-}
-
-impl Browser {
-    fn launch(url: &str) -> Browser {
-        assert!(
-            Path::new(CHROMIUM).exists(),
-            "{CHROMIUM} is missing: this test needs a real browser (apt-get install -y chromium)"
-        );
-        let profile = tempfile::tempdir().unwrap();
-        let log = profile.path().join("chromium.log");
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(CHROMIUM)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--ignore-certificate-errors",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().join("profile").display()))
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {CHROMIUM}: {e}"));
-        Browser { child, _profile: profile, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // SIGTERM first, then whatever is left of its process group after a bounded wait.
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).stderr(Stdio::null()).status();
-        let give_up = std::time::Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < give_up {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let group = format!("-{pid}");
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
