@@ -63,6 +63,20 @@ struct ProbeArgs {
     /// Close (1000) after this long; exit non-zero if the connection ends earlier
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<std::time::Duration>,
+    /// Open a resumable session (wskeep's [resume], docs/resume.md): send numbered messages for an
+    /// echo upstream, resume whenever the connection drops, and check nothing was lost or doubled;
+    /// exit non-zero unless it ran its --duration losslessly
+    #[arg(long)]
+    resume: bool,
+    /// With --resume: send a numbered message this often
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "100ms")]
+    send_every: std::time::Duration,
+    /// With --resume: drop the TCP connection (no close frame) this long after each connect
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    resume_drop_after: Option<std::time::Duration>,
+    /// With --resume: a connection silent this long is dead (drop it and resume)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    dead_after: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +130,10 @@ enum BenchCommand {
         /// Handshakes in flight at once
         #[arg(long, default_value_t = 64)]
         parallel: usize,
+        /// Once all are open, drop them without a close frame and hold on (with
+        /// ?wskeep_resume=1: measures wskeep's detached sessions)
+        #[arg(long)]
+        drop: bool,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -199,6 +217,28 @@ fn probe(args: ProbeArgs) -> ExitCode {
         duration: args.duration,
         progress: true,
     };
+    if args.resume {
+        let resume = wskeep::tools::probe::resume::ResumeOptions {
+            send_every: args.send_every,
+            drop_after: args.resume_drop_after,
+            dead_after: args.dead_after,
+            give_up_after: std::time::Duration::from_secs(60),
+        };
+        return match runtime().block_on(wskeep::tools::probe::resume::run(&options.url, &options, &resume)) {
+            Ok(report) => {
+                print!("{report}");
+                if report.lossless() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("probe failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime().block_on(wskeep::tools::probe::run(&options)) {
         Ok(report) => {
             print!("{report}");
@@ -226,9 +266,9 @@ fn bench(scenario: BenchCommand) -> ExitCode {
             BenchCommand::Latency { url, conns, rate, duration, size, tls } => {
                 bench::latency(&tls.common(url), conns, rate, duration, size).await
             }
-            BenchCommand::Idle { url, conns, hold, parallel, tls } => {
+            BenchCommand::Idle { url, conns, hold, parallel, drop, tls } => {
                 raise_fd_limit();
-                bench::idle(&tls.common(url), conns, hold, parallel).await
+                bench::idle(&tls.common(url), conns, hold, parallel, drop).await
             }
             BenchCommand::Echo { .. } => unreachable!("handled by echo()"),
         }

@@ -615,7 +615,7 @@ async fn the_load_generator_speaks_http2() {
     assert!(report["messages"].as_u64().unwrap() > 0, "{report}");
     let text = await_metric(sidecar.admin, UPGRADES_H2, 10.0).await;
     assert_eq!(common::metric(&text, UPGRADES_H1), 0.0, "{text}");
-    let report = wskeep::tools::bench::idle(&bench, 10, Duration::from_millis(100), 4).await.unwrap();
+    let report = wskeep::tools::bench::idle(&bench, 10, Duration::from_millis(100), 4, false).await.unwrap();
     assert_eq!((report["opened"].as_u64(), report["lost"].as_u64()), (Some(10), Some(0)), "{report}");
 }
 

@@ -114,6 +114,11 @@ impl Netns {
     fn pull_cable(&self) {
         self.exec("ip", &["link", "set", &self.ns_if, "down"]);
     }
+
+    /// Plugs it back in (the link's addresses and routes come back with it).
+    fn plug_cable(&self) {
+        self.exec("ip", &["link", "set", &self.ns_if, "up"]);
+    }
 }
 
 impl Drop for Netns {
@@ -556,4 +561,61 @@ async fn a_client_behind_a_slow_lossy_link_stays_connected_and_its_rtt_is_measur
         .await;
     eprintln!("netem.py passed {passed} packets and dropped {dropped}");
     assert!(passed >= 2 * PINGS as u64, "netem.py passed only {passed} packets");
+}
+
+/// Issue 16: the client's cable is pulled for longer than its keepalive timeout; wskeep keeps the
+/// upstream session (detached), the client (`wskeep probe --resume` inside the namespace) comes
+/// back once the cable is plugged in, and every message crosses exactly once: those the probe
+/// sent into the dead link are resent, those the upstream echoed meanwhile are replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_cable_is_pulled_resumes_its_session_when_it_is_back() {
+    let ns = netns();
+    let mut upstream = Upstream::start().await;
+    let extra = format!(
+        "[client_keepalive]\nping_interval = \"{}ms\"\ntimeout = \"{}ms\"\n[resume]\nenabled = true\ngrace = \"20s\"\n",
+        PING.as_millis(),
+        TIMEOUT.as_millis()
+    );
+    let wskeep = Wskeep::start(ns.root_ip, &format!("ws://{}", upstream.addr), &extra).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("ws://{}/session", wskeep.addr);
+    let args = ["probe", &url, "--resume", "--send-every", "20ms", "--dead-after", "800ms", "--duration", "8s"];
+    let mut probe = ns.spawn(WSKEEP, &args, &dir.path().join("probe.log"));
+    assert!(matches!(upstream.next_event(Duration::from_secs(10)).await, UpstreamEvent::Connected));
+    let echoed = r#"wskeep_messages_total{direction="upstream_to_client"}"#;
+    wskeep.wait_metric(echoed, 10.0, Duration::from_secs(10)).await;
+
+    ns.pull_cable();
+    // wskeep finds the client dead by its keepalive, and keeps the session.
+    wskeep.wait_metric("wskeep_resume_sessions_detached_total", 1.0, TIMEOUT + LATE + Duration::from_secs(1)).await;
+    let before = wskeep.metric(echoed).await;
+    assert_eq!(wskeep.metric("wskeep_connections_active").await, 1.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ns.plug_cable();
+
+    wskeep.wait_metric("wskeep_resume_sessions_resumed_total", 1.0, Duration::from_secs(10)).await;
+    wskeep.wait_metric(echoed, before + 10.0, Duration::from_secs(10)).await;
+    let status = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(status) = probe.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the probe finishes its 8 s");
+    let report = probe.output();
+    assert!(status.success() && report.contains("result          lossless"), "{report}");
+    assert!(report.contains("resumes         1 "), "{report}");
+    assert!(report.contains("0 lost, 0 duplicated"), "{report}");
+    assert!(!report.contains("(0 resent"), "what the probe sent into the dead link was resent: {report}");
+    // The upstream saw one connection, and its only close is the probe's own at the end.
+    match upstream.next_event(CLOSE_BOUND).await {
+        UpstreamEvent::Closed(_, frame) => assert_eq!(frame, Some((1000, "probe finished".to_string()))),
+        other => panic!("the upstream's connection ended otherwise: {other:?}"),
+    }
+    assert!(upstream.events.try_recv().is_err(), "no second connection upstream");
+    let lines = wskeep.proc.output();
+    assert!(lines.contains("session resumed"), "{lines}");
 }

@@ -413,3 +413,56 @@ async fn json_pongs_are_numbered_and_replayed_and_the_reserved_prefix_is_refused
     assert_eq!(close_code(&mut client).await, 1011);
     assert_eq!(upstream_close(&mut up).await.0, 1011);
 }
+
+/// Echoes every data message of every connection; the number of connections goes to the test.
+async fn echo_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let (addr, mut conns) = upstream().await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((_, mut ws)) = conns.recv().await {
+            let _ = tx.send(());
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn probe_resume_drops_its_connection_and_loses_nothing() {
+    let (up_addr, mut connections) = echo_upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, RESUME)).await;
+    let url = format!("ws://{}/echo", wskeep.addr);
+    // The probe runs for 1.5 s; the test's runtime keeps serving the upstream meanwhile.
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wskeep"))
+            .args(["probe", &url, "--resume", "--send-every", "10ms", "--resume-drop-after", "400ms"])
+            .args(["--duration", "1500ms"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("result          lossless"), "{stdout}");
+    assert!(stdout.contains("0 lost, 0 duplicated"), "{stdout}");
+    let resumes: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("resumes"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(resumes >= 2, "{stdout}");
+    wskeep.wait_metric("wskeep_resume_sessions_resumed_total", resumes as f64, LIMIT).await;
+    connections.recv().await.unwrap();
+    assert!(connections.try_recv().is_err(), "the upstream saw one connection");
+}

@@ -46,7 +46,7 @@ DOCKERIGNORE = f"{DEPLOY}/Dockerfile.dockerignore"
 # Kubernetes versions the core objects must validate against: native sidecars (an init container
 # with restartPolicy: Always) are on by default from 1.29.
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
-CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"}
+CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "Ingress"}
 
 # Each alert's `runbook` annotation names its section in docs/runbooks.md, a path in this
 # repository (shipped in the .deb too): no URL pretends the docs are hosted somewhere.
@@ -75,6 +75,11 @@ METRICS = {
     "wskeep_pings_answered_total": ("counter", {"side": SIDE}),
     "wskeep_json_pings_answered_total": ("counter", {}),
     "wskeep_compressed_connections_total": ("counter", {}),
+    "wskeep_resume_sessions_detached": ("gauge", {}),
+    "wskeep_resume_sessions_detached_total": ("counter", {}),
+    "wskeep_resume_sessions_resumed_total": ("counter", {}),
+    "wskeep_resume_failures_total": ("counter", {"reason": {
+        "expired", "overflow", "bad_token", "credential_mismatch", "upstream_gone", "bad_count"}}),
     "wskeep_ping_rtt_seconds": ("histogram", {"side": SIDE}),
     "wskeep_upstream_connect_seconds": ("histogram", {}),
     "wskeep_http_requests_total": ("counter", {"code": None}),
@@ -106,6 +111,7 @@ CONFIG_KEYS = {
     "json_ping": {"enabled", "match", "reply", "echo_fields", "forward"},
     "limits": {"max_message_size"},
     "compression": {"enabled"},
+    "resume": {"enabled", "grace", "buffer", "bind"},
     "admin": {"addr"},
     "shutdown": {"drain_timeout"},
     "log": {"format", "level"},
@@ -191,7 +197,7 @@ def cmd_manifests(rendered, outdir):
                 f.check(False, f"{d['kind']}/{d['metadata']['name']} (Kubernetes {version}): {path}: {e.message}")
             except Exception as e:  # SchemaNotFoundError and friends carry .message
                 f.check(False, f"{d['kind']}/{d['metadata']['name']} (Kubernetes {version}): {getattr(e, 'message', e)}")
-    for kind in ("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "PodMonitor", "PrometheusRule"):
+    for kind in ("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "PodMonitor", "PrometheusRule", "Ingress"):
         f.check(len(kinds.get(kind, [])) == 1, f"expected exactly one {kind}, found {len(kinds.get(kind, []))}")
     f.check(not kinds.get("Secret"), "no Secret belongs in deploy/kubernetes (wskeep-tls is created by the operator)")
     if f.items:
@@ -317,6 +323,25 @@ def cmd_manifests(rendered, outdir):
     f.check([(p["port"], p.get("targetPort")) for p in ports] == [(443, listen_port)],
             f"the Service must expose exactly 443 -> {listen_port}")
     f.check(all(p.get("targetPort") not in (admin_port, "admin") for p in ports), "the admin port must not be in the Service")
+
+    # The Ingress: to the Service's TLS port, with the cookie affinity that brings a resuming
+    # client back to the pod holding its session, for longer than resume.grace.
+    ing = kinds["Ingress"][0]
+    notes = ing["metadata"].get("annotations", {})
+    backends = [p["backend"]["service"] for r in ing["spec"].get("rules", []) for p in r.get("http", {}).get("paths", [])]
+    f.check(backends and all(b["name"] == svc["metadata"]["name"] and b["port"] in ({"name": "wss"}, {"number": 443})
+                             for b in backends), "the Ingress must send every path to the Service's wss port")
+    f.check(notes.get("nginx.ingress.kubernetes.io/backend-protocol") == "HTTPS",
+            "the Ingress must speak HTTPS to wskeep's TLS port (backend-protocol)")
+    f.check(notes.get("nginx.ingress.kubernetes.io/affinity") == "cookie"
+            and notes.get("nginx.ingress.kubernetes.io/affinity-mode") == "persistent",
+            "the Ingress needs persistent cookie affinity: a resume must reach the pod holding its session")
+    resume_grace = seconds(cfg.get("resume", {}).get("grace", "30s"))
+    f.check(int(notes.get("nginx.ingress.kubernetes.io/session-cookie-max-age", "0")) > resume_grace,
+            "the affinity cookie must outlive resume.grace")
+    f.check(int(notes.get("nginx.ingress.kubernetes.io/proxy-read-timeout", "60")) > seconds(
+                cfg.get("client_keepalive", {}).get("ping_interval", "20s")),
+            "the Ingress's proxy-read-timeout must exceed client_keepalive.ping_interval")
 
     # PodDisruptionBudget: covers these pods, and lets a node drain evict one at a time.
     psel = pdb["spec"].get("selector", {}).get("matchLabels", {})
@@ -815,7 +840,9 @@ def cmd_placeholders():
 
 
 # Metrics wskeep exports beyond DESIGN.md's table (README's metrics table lists them).
-BEYOND_DESIGN = {"wskeep_proxy_protocol_failures_total", "wskeep_compressed_connections_total"}
+BEYOND_DESIGN = {"wskeep_proxy_protocol_failures_total", "wskeep_compressed_connections_total",
+                 "wskeep_resume_sessions_detached", "wskeep_resume_sessions_detached_total",
+                 "wskeep_resume_sessions_resumed_total", "wskeep_resume_failures_total"}
 
 
 def check_design():

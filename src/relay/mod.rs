@@ -173,12 +173,9 @@ struct Relay<'a, S> {
 
 impl<'a, S: Hooks> Relay<'a, S> {
     fn new(client: LegStream, upstream: LegStream, env: ConnEnv<'a>, shutdown: ShutdownWatch<'a>, hooks: S) -> Self {
-        let max = env.settings.max_message_size;
+        let (max, deflate) = (env.settings.max_message_size, env.conn.deflate);
         Relay {
-            legs: [
-                Leg::new(Side::Client, client, max, env.conn.deflate),
-                Leg::new(Side::Upstream, upstream, max, env.conn.deflate),
-            ],
+            legs: [Leg::new(Side::Client, client, max, deflate), Leg::new(Side::Upstream, upstream, max, deflate)],
             keepalive: keepalive_of(env.settings, false),
             env,
             shutdown,

@@ -129,9 +129,8 @@ impl Session {
         }
     }
 
-    /// A control message from the client (its `ack`).
-    pub(super) fn client_control(&mut self, message: &[u8]) -> Result<(), BadCount> {
-        let received = control::parse_client(message).ok_or(BadCount)?;
+    /// The client's ack: it received `received` messages.
+    pub(super) fn client_ack(&mut self, received: u64) -> Result<(), BadCount> {
         self.replay.ack(received)
     }
 

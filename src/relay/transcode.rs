@@ -185,6 +185,31 @@ fn claims_prefix(frame: DataFrame, payload: &[u8]) -> bool {
     }
 }
 
+enum ControlMessage {
+    /// Not in the reserved prefix.
+    None,
+    /// In the prefix, and an ack of this count.
+    Some(u64),
+    /// In the prefix, and not a control message wskeep knows (or fragmented).
+    Bad,
+}
+
+/// What the first frame of a text message on a resumable session is.
+fn control_message(frame: DataFrame, payload: &[u8]) -> ControlMessage {
+    if !claims_prefix(frame, payload) {
+        return ControlMessage::None;
+    }
+    let ack = match frame.compressed {
+        // Compressed on its own (`client_no_context_takeover`), so a small one inflates alone.
+        true => inflate::small_text(payload, |text| control::parse_client(text.as_bytes())),
+        false => control::parse_client(payload),
+    };
+    match ack {
+        Some(ack) if frame.fin => ControlMessage::Some(ack),
+        _ => ControlMessage::Bad,
+    }
+}
+
 /// Copies a piece of a data frame into `out`; once the frame is whole, checks it and makes it
 /// writable (or, for a JSON ping that is not forwarded, drops it after answering on `back`).
 #[allow(clippy::too_many_arguments)]
@@ -225,19 +250,18 @@ fn carry_piece<S: Hooks>(
     let payload_at = out.committed + in_transit.head_len;
     if let Some(session) = hooks.session() {
         // A resumable session's control messages, and its count of the client's messages.
-        if frame.kind == Kind::Text && frame.first && claims_prefix(frame, &out.buf[payload_at..]) {
-            if from == Side::Upstream || !frame.fin {
-                return Err(if from == Side::Upstream { RESERVED_PREFIX } else { BAD_CONTROL });
-            }
+        if frame.kind == Kind::Text && frame.first {
             let payload = &out.buf[payload_at..];
-            let handled = match frame.compressed {
-                // Compressed on its own (`client_no_context_takeover`), so it inflates alone.
-                true => inflate::small_text(payload, |text| session.client_control(text.as_bytes()).ok()),
-                false => session.client_control(payload).ok(),
-            };
-            handled.ok_or(BAD_CONTROL)?;
-            out.drop_partial();
-            return Ok(());
+            match control_message(frame, payload) {
+                ControlMessage::None => {}
+                ControlMessage::Some(_) | ControlMessage::Bad if from == Side::Upstream => return Err(RESERVED_PREFIX),
+                ControlMessage::Bad => return Err(BAD_CONTROL),
+                ControlMessage::Some(ack) => {
+                    session.client_ack(ack).map_err(|_| BAD_CONTROL)?;
+                    out.drop_partial();
+                    return Ok(());
+                }
+            }
         }
         if from == Side::Client && frame.fin {
             session.from_client += 1;

@@ -100,16 +100,27 @@ pub async fn throughput(
     let plain = vec![b'x'; size];
     let payload: Arc<[u8]> = if kind.compressed { deflate_stored(&plain) } else { plain }.into();
     let opcode = if kind.binary { OP_BINARY } else { OP_TEXT } | if kind.compressed { crate::frame::RSV1 } else { 0 };
+    // A resumable session (wskeep's [resume]) keeps every message until the client acks it.
+    let resumable = common.url.contains("wskeep_resume=1");
     let mut tasks = Vec::new();
     for conn in connections {
         let Connection { mut reader, mut writer, .. } = conn;
         let window = Arc::new(Semaphore::new(window));
         let (echoed, payload, credits) = (echoed.clone(), payload.clone(), window.clone());
+        // What the reader received, for the sender to acknowledge.
+        let (received, to_ack) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let due_ack = to_ack.clone();
         let sender = tokio::spawn(async move {
+            let mut acked = 0;
             while Instant::now() < stop {
                 let Ok(permit) = tokio::time::timeout_at(stop, credits.acquire()).await else { break };
                 let Ok(permit) = permit else { break };
                 permit.forget();
+                let due = due_ack.load(Relaxed);
+                if due > acked {
+                    acked = due;
+                    writer.queue(OP_TEXT, true, &crate::resume::control::ack(due));
+                }
                 writer.queue(opcode, true, &payload);
                 // Batch while credits are available; flush when the window is full.
                 if credits.available_permits() == 0 && writer.flush().await.is_err() {
@@ -121,9 +132,20 @@ pub async fn throughput(
         });
         tasks.push(tokio::spawn(async move {
             while let Ok(Ok(Some(msg))) = tokio::time::timeout_at(stop, reader.read_message()).await {
+                if let Incoming::Text(t) = &msg {
+                    if resumable && t.starts_with(crate::resume::control::PREFIX) {
+                        continue;
+                    }
+                }
                 if matches!(msg, Incoming::Text(_) | Incoming::Binary(_)) {
                     echoed.fetch_add(1, Relaxed);
                     window.add_permits(1);
+                    if resumable {
+                        let n = received.fetch_add(1, Relaxed) + 1;
+                        if n % 64 == 0 {
+                            to_ack.store(n, Relaxed);
+                        }
+                    }
                 }
             }
             if let Ok(mut writer) = sender.await {
@@ -247,11 +269,14 @@ pub async fn latency(
 /// Opens `conns` connections (from several 127.0.0.x source addresses), reports the handshake
 /// rate, holds them for `hold`, and counts those that ended early. Each connection answers
 /// pings from the moment it is open, as a browser would.
+/// `drop_all`: once all are open, every connection is dropped without a close frame (with
+/// `wskeep_resume=1` in the URL: wskeep's detached sessions), and the hold then measures those.
 pub async fn idle(
     common: &Common,
     conns: usize,
     hold: Duration,
     parallel: usize,
+    drop_all: bool,
 ) -> Result<serde_json::Value, client::ClientError> {
     let mut common = common.clone();
     common.prepare()?;
@@ -275,6 +300,11 @@ pub async fn idle(
             };
             let _ = opened_tx.send(conn.is_some());
             let Some(mut conn) = conn else { return };
+            if drop_all {
+                // Held until every connection is open, then dropped: TCP ends, no close frame.
+                release.cancelled().await;
+                return;
+            }
             loop {
                 tokio::select! {
                     _ = release.cancelled() => break,
@@ -310,6 +340,10 @@ pub async fn idle(
     let secs = start.elapsed().as_secs_f64();
     let rate = opened as f64 / secs;
     println!("idle: opened {opened} of {conns} in {secs:.1}s = {rate:.0} handshakes/s; holding for {hold:?}");
+    if drop_all {
+        release.cancel();
+        println!("idle: dropped them all without a close frame");
+    }
     tokio::time::sleep(hold).await;
     release.cancel();
     for t in tasks {

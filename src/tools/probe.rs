@@ -12,6 +12,8 @@ use tokio::time::Instant;
 
 use crate::tools::client::{self, ClientError, ClientOptions, Incoming, OP_PONG, OP_TEXT};
 
+pub mod resume;
+
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
     pub url: String,
