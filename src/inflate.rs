@@ -76,25 +76,29 @@ pub fn start(compressed: &[u8], out: &mut [u8]) -> Option<(usize, bool)> {
     }
 }
 
+/// `data` as one permessage-deflate message in DEFLATE stored blocks (RFC 1951 §3.2.4), without
+/// the sync flush's last four bytes (RFC 7692 §7.2.1): not compressed, but valid for any
+/// inflater, so tests and the load generator can send compressed frames without a compressor.
+pub fn stored(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    for block in data.chunks(0xffff) {
+        let len = block.len() as u16;
+        out.push(0x00); // not final, stored
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    // The sync flush: an empty stored block whose LEN and NLEN are left off.
+    out.push(0x00);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn inflated(compressed: &[u8]) -> Option<String> {
         small_text(compressed, |text| Some(text.to_owned()))
-    }
-
-    /// Raw DEFLATE as permessage-deflate sends it: a stored block (not final), then the sync
-    /// flush's empty stored block without its last four bytes.
-    fn stored(text: &[u8]) -> Vec<u8> {
-        let len = text.len() as u16;
-        let mut out = vec![0x00];
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(text);
-        // The sync flush's empty stored block: its header byte stays, its length goes.
-        out.push(0x00);
-        out
     }
 
     #[test]
@@ -141,6 +145,14 @@ mod tests {
         let bomb = zeros(100);
         assert!(bomb.len() < 200, "{} bytes", bomb.len());
         assert_eq!(inflated(&bomb), None);
+    }
+
+    #[test]
+    fn stored_blocks_inflate_to_the_message() {
+        for len in [0, 64, 1000] {
+            let text = "x".repeat(len);
+            assert_eq!(inflated(&stored(text.as_bytes())), Some(text));
+        }
     }
 
     #[test]

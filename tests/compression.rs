@@ -88,18 +88,6 @@ async fn with_compression_off_the_offer_is_stripped() {
     assert!(wire >= 100.0 * 1024.0, "{wire}");
 }
 
-/// `text` as permessage-deflate sends it when compressed on its own, in a stored block (a valid
-/// DEFLATE encoding any inflater reads; RFC 7692 §7.2.3.3).
-fn stored(text: &[u8]) -> Vec<u8> {
-    let len = text.len() as u16;
-    let mut out = vec![0x00];
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&(!len).to_le_bytes());
-    out.extend_from_slice(text);
-    out.push(0x00);
-    out
-}
-
 #[tokio::test]
 async fn compressed_frames_cross_unchanged_and_wskeeps_own_frames_are_not_compressed() {
     let upstream = PythonUpstream::start().await;
@@ -125,8 +113,14 @@ async fn compressed_frames_cross_unchanged_and_wskeeps_own_frames_are_not_compre
 
     // A compressed JSON ping, then a compressed message for the upstream to echo.
     let mut frames = Vec::new();
-    frame::write_frame(&mut frames, true, OP_TEXT | RSV1, &stored(br#"{"type":"ping","id":1}"#), Some([1, 2, 3, 4]));
-    frame::write_frame(&mut frames, true, OP_TEXT | RSV1, &stored(b"echo me"), Some([5, 6, 7, 8]));
+    frame::write_frame(
+        &mut frames,
+        true,
+        OP_TEXT | RSV1,
+        &wskeep::inflate::stored(br#"{"type":"ping","id":1}"#),
+        Some([1, 2, 3, 4]),
+    );
+    frame::write_frame(&mut frames, true, OP_TEXT | RSV1, &wskeep::inflate::stored(b"echo me"), Some([5, 6, 7, 8]));
     tcp.write_all(&frames).await.unwrap();
 
     // wskeep's pong is plain text; the upstream's echo comes back compressed (RSV1 set).

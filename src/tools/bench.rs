@@ -98,7 +98,7 @@ pub async fn throughput(
     let start = Instant::now();
     let stop = start + duration;
     let plain = vec![b'x'; size];
-    let payload: Arc<[u8]> = if kind.compressed { deflate_stored(&plain) } else { plain }.into();
+    let payload: Arc<[u8]> = if kind.compressed { crate::inflate::stored(&plain) } else { plain }.into();
     let opcode = if kind.binary { OP_BINARY } else { OP_TEXT } | if kind.compressed { crate::frame::RSV1 } else { 0 };
     // A resumable session (wskeep's [resume]) keeps every message until the client acks it.
     let resumable = common.url.contains("wskeep_resume=1");
@@ -172,23 +172,6 @@ pub async fn throughput(
     );
     Ok(json!({"scenario": "throughput", "conns": conns, "size": size, "window": window, "messages": n,
         "seconds": secs, "messages_per_second": rate, "megabytes_per_second": rate * size as f64 / 1e6}))
-}
-
-/// `data` as one permessage-deflate message in DEFLATE stored blocks (RFC 1951 §3.2.4), without
-/// the sync flush's last four bytes (RFC 7692 §7.2.1): valid for any inflater, and the relay's
-/// work is the same as for compressed bytes.
-fn deflate_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 16);
-    for block in data.chunks(0xffff) {
-        let len = block.len() as u16;
-        out.push(0x00); // not final, stored
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(block);
-    }
-    // The sync flush: an empty stored block whose LEN and NLEN are left off.
-    out.push(0x00);
-    out
 }
 
 /// Round-trip time percentiles at a fixed aggregate rate, one message in flight per connection.
@@ -353,16 +336,4 @@ pub async fn idle(
     println!("idle: {lost} connection(s) lost during the hold, {failed} failed to open, {pings} pings answered");
     Ok(json!({"scenario": "idle", "conns": conns, "opened": opened, "failed": failed,
         "handshakes_per_second": rate, "lost": lost, "pings_answered": pings, "hold_seconds": hold.as_secs_f64()}))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn stored_blocks_inflate_to_the_message() {
-        for len in [0, 64, 1000] {
-            let text = "x".repeat(len);
-            let inflated = crate::inflate::small_text(&super::deflate_stored(text.as_bytes()), |t| Some(t.to_owned()));
-            assert_eq!(inflated.as_deref(), Some(text.as_str()));
-        }
-    }
 }
