@@ -15,8 +15,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use wskeep::tools::legacy_upstream::{self, LegacyOptions};
 
@@ -95,58 +94,10 @@ async fn serve_page(results: mpsc::UnboundedSender<Value>) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(serve_http(tcp, results.clone()));
+            tokio::spawn(common::chromium::serve_page(tcp, PAGE, results.clone()));
         }
     });
     addr
-}
-
-/// One HTTP/1.1 request per connection: GET /page, POST /result, anything else 404.
-async fn serve_http(mut tcp: TcpStream, results: mpsc::UnboundedSender<Value>) {
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        match tcp.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => raw.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-    let mut request_line = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (request_line.next().unwrap_or(""), request_line.next().unwrap_or(""));
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = raw[head_end..].to_vec();
-    while body.len() < length {
-        match tcp.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let (status, content_type, content) = match (method, target.split('?').next().unwrap_or("")) {
-        ("GET", "/page") => ("200 OK", "text/html; charset=utf-8", PAGE),
-        ("POST", "/result") => {
-            let value = serde_json::from_slice(&body[..length]).unwrap_or_else(|e| {
-                Value::String(format!("unparsable result ({e}): {}", String::from_utf8_lossy(&body)))
-            });
-            let _ = results.send(value);
-            ("200 OK", "text/plain", "ok")
-        }
-        _ => ("404 Not Found", "text/plain", "not found"),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
-         Connection: close\r\n\r\n{content}",
-        content.len()
-    );
-    let _ = tcp.write_all(response.as_bytes()).await;
-    let _ = tcp.shutdown().await;
 }
 
 /// The legacy upstream, wskeep (TLS) in front of it with this client keepalive, and the

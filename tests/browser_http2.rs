@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -89,7 +88,7 @@ async fn serve(tcp: TcpStream, results: mpsc::UnboundedSender<Value>, pongs: Arc
             if head.contains("upgrade: websocket") {
                 return websocket(tcp, pongs).await;
             }
-            return http(tcp, results).await;
+            return common::chromium::serve_page(tcp, PAGE, results).await;
         }
         // The head is still arriving (peek returns what is there).
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -112,55 +111,6 @@ async fn websocket(tcp: TcpStream, pongs: Arc<AtomicU64>) {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
             }
-        }
-    }
-}
-
-/// HTTP/1.1 keep-alive: GET /page and POST /result, anything else 404.
-async fn http(mut tcp: TcpStream, results: mpsc::UnboundedSender<Value>) {
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let head_end = loop {
-            if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            match tcp.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => raw.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-        let mut line = head.lines().next().unwrap_or("").split_whitespace();
-        let (method, target) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .unwrap_or(0);
-        while raw.len() < head_end + length {
-            match tcp.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => raw.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let body: Vec<u8> = raw.drain(..head_end + length).skip(head_end).collect();
-        let (status, content_type, content) = match (method, target.split('?').next().unwrap_or("")) {
-            ("GET", "/page") => ("200 OK", "text/html; charset=utf-8", PAGE),
-            ("POST", "/result") => {
-                let value = serde_json::from_slice(&body)
-                    .unwrap_or_else(|e| Value::String(format!("unparsable ({e}): {}", String::from_utf8_lossy(&body))));
-                let _ = results.send(value);
-                ("200 OK", "text/plain", "ok")
-            }
-            _ => ("404 Not Found", "text/plain", "not found"),
-        };
-        let response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\r\n{content}",
-            content.len()
-        );
-        if tcp.write_all(response.as_bytes()).await.is_err() {
-            return;
         }
     }
 }
