@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine (as root). Idempotent.
-#   chromium              the real browser of tests/browser.rs and tests/pages.rs
+#   chromium              the real browser of tests/browser.rs, tests/browser_http2.rs and tests/pages.rs
 #   nodejs, npm,          tests/pages.rs drives Chromium through the admin pages with
 #   playwright-core (npm) playwright-core, installed from tests/pages/package-lock.json
 #   prometheus, promtool  tests/metrics.rs (a real Prometheus scraping wskeep) and deploy/check.sh

@@ -113,6 +113,12 @@ settings! {
         max_message_size: ByteSize = ByteSize(1 << 20),
     }
 
+    /// permessage-deflate (RFC 7692) passed through end to end, compressed frames unchanged;
+    /// off: stripped from the client's offer.
+    [compression] Compression {
+        enabled: bool = true,
+    }
+
     /// Lossless reconnect (docs/resume.md): sessions a client may resume after its connection dies.
     [resume] Resume {
         enabled: bool = false,
@@ -123,12 +129,6 @@ settings! {
         /// What a resuming handshake must carry as the first one did: `authorization`, `origin`,
         /// `cookie:NAME`, `query:NAME`, `header:NAME`.
         bind: Vec<String> = vec!["authorization".into(), "origin".into()],
-    }
-
-    /// permessage-deflate (RFC 7692) passed through end to end, compressed frames unchanged;
-    /// off: stripped from the client's offer.
-    [compression] Compression {
-        enabled: bool = true,
     }
 
     [admin] Admin {

@@ -83,8 +83,8 @@ impl ConnInfo {
             "path": self.path,
             "http_version": self.http_version.as_str(),
             "age_seconds": age.as_secs_f64(),
-            "state": session.unwrap_or("open"),
             "compression": self.deflate.then_some(crate::proxy::deflate::NAME),
+            "state": session.unwrap_or("open"),
             "client": leg(Side::Client),
             "upstream": leg(Side::Upstream),
         })

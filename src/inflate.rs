@@ -59,6 +59,40 @@ fn inflate_into<'a>(compressed: &[u8], out: &'a mut [u8; MAX_TEXT]) -> Option<&'
     }
 }
 
+/// Inflates the start of a compressed message (or of its first frame) into `out`: how many bytes
+/// came out, and whether that is all of what `compressed` holds. `None` if it is not DEFLATE that
+/// decodes on its own. At most `MAX_WIRE` bytes of input are looked at.
+pub fn start(compressed: &[u8], out: &mut [u8]) -> Option<(usize, bool)> {
+    let input = &compressed[..compressed.len().min(MAX_WIRE)];
+    let flags = TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF | TINFL_FLAG_HAS_MORE_INPUT;
+    let (status, _, written) = DECOMPRESSOR.with_borrow_mut(|state| {
+        state.init();
+        decompress(state, input, out, 0, flags)
+    });
+    match status {
+        TINFLStatus::NeedsMoreInput | TINFLStatus::Done => Some((written, input.len() == compressed.len())),
+        TINFLStatus::HasMoreOutput => Some((written, false)),
+        _ => None,
+    }
+}
+
+/// `data` as one permessage-deflate message in DEFLATE stored blocks (RFC 1951 §3.2.4), without
+/// the sync flush's last four bytes (RFC 7692 §7.2.1): not compressed, but valid for any
+/// inflater, so tests and the load generator can send compressed frames without a compressor.
+pub fn stored(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    for block in data.chunks(0xffff) {
+        let len = block.len() as u16;
+        out.push(0x00); // not final, stored
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    // The sync flush: an empty stored block whose LEN and NLEN are left off.
+    out.push(0x00);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,24 +101,21 @@ mod tests {
         small_text(compressed, |text| Some(text.to_owned()))
     }
 
-    /// Raw DEFLATE as permessage-deflate sends it: a stored block (not final), then the sync
-    /// flush's empty stored block without its last four bytes.
-    fn stored(text: &[u8]) -> Vec<u8> {
-        let len = text.len() as u16;
-        let mut out = vec![0x00];
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(text);
-        // The sync flush's empty stored block: its header byte stays, its length goes.
-        out.push(0x00);
-        out
-    }
-
     #[test]
     fn a_message_compressed_on_its_own_is_inflated() {
         // "Hello" as RFC 7692 §7.2.3.1 shows it compressed with fixed Huffman codes.
         assert_eq!(inflated(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]), Some("Hello".into()));
         assert_eq!(inflated(&stored(br#"{"type":"ping"}"#)), Some(r#"{"type":"ping"}"#.into()));
+    }
+
+    #[test]
+    fn the_start_of_a_message_is_inflated_as_far_as_asked() {
+        let mut start = [0u8; 8];
+        assert_eq!(super::start(&stored(b"\0wskeep:ack 12"), &mut start), Some((8, false)));
+        assert_eq!(&start, b"\0wskeep:");
+        // "Hello" whole: all of it, fewer bytes than asked.
+        assert_eq!(super::start(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], &mut start), Some((5, true)));
+        assert_eq!(super::start(&[0xff, 0xff, 0xff], &mut start), None);
     }
 
     #[test]
@@ -114,6 +145,14 @@ mod tests {
         let bomb = zeros(100);
         assert!(bomb.len() < 200, "{} bytes", bomb.len());
         assert_eq!(inflated(&bomb), None);
+    }
+
+    #[test]
+    fn stored_blocks_inflate_to_the_message() {
+        for len in [0, 64, 1000] {
+            let text = "x".repeat(len);
+            assert_eq!(inflated(&stored(text.as_bytes())), Some(text));
+        }
     }
 
     #[test]

@@ -148,11 +148,14 @@ struct TlsArgs {
     /// Trust this PEM bundle (the CA that issued the server's certificate) instead of the system roots
     #[arg(long, value_name = "FILE")]
     cacert: Option<PathBuf>,
+    /// Open the WebSockets as streams of HTTP/2 connections (RFC 8441, wss:// only), N per connection
+    #[arg(long, value_name = "N")]
+    http2: Option<usize>,
 }
 
 impl TlsArgs {
     fn common(self, url: String) -> wskeep::tools::bench::Common {
-        wskeep::tools::bench::Common { url, insecure: self.insecure, ca_file: self.cacert }
+        wskeep::tools::bench::Common::new(url, self.insecure, self.cacert, self.http2)
     }
 }
 

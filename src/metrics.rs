@@ -144,6 +144,7 @@ impl Metrics {
                 IntGauge::new("wskeep_connections_active", "Proxied WebSocket connections open now").expect("valid"),
             ),
             connections_total: counter(&r, "wskeep_connections_total", "WebSocket upgrades completed on both legs"),
+            websocket_upgrades: HttpVersion::ALL.map(|v| upgrades.with_label_values(&[v.as_str()])),
             resume_sessions_detached: register(
                 &r,
                 IntGauge::new("wskeep_resume_sessions_detached", "Resumable sessions waiting for their client now")
@@ -161,7 +162,6 @@ impl Metrics {
                 "Resumable sessions lost (expired, overflow) and resumes refused with 4410, by reason",
                 &["reason"],
             ),
-            websocket_upgrades: HttpVersion::ALL.map(|v| upgrades.with_label_values(&[v.as_str()])),
             upgrade_failures: counter_vec(
                 &r,
                 "wskeep_upgrade_failures_total",

@@ -171,12 +171,14 @@ mod tests {
     fn restart_keys_keep_their_running_values() {
         let running = config("[listen]\naddr = \"127.0.0.1:8443\"\n[log]\nformat = \"json\"\n");
         let mut next = config(
-            "[listen]\naddr = \"127.0.0.1:9443\"\nmax_connections = 5\n[admin]\naddr = \"127.0.0.1:9191\"\n\
+            "[listen]\naddr = \"127.0.0.1:9443\"\nmax_connections = 5\nhttp2 = false\nhttp2_max_streams = 7\n\
+             [admin]\naddr = \"127.0.0.1:9191\"\n\
              [log]\nformat = \"text\"\nlevel = \"debug\"\n[limits]\nmax_message_size = \"2MiB\"\n",
         );
         let kept = keep_restart_keys(&running.clone(), &mut next);
-        assert_eq!(kept, ["listen.addr", "listen.max_connections", "admin.addr", "log.format"]);
+        assert_eq!(kept, ["listen.addr", "listen.max_connections", "listen.http2", "admin.addr", "log.format"]);
         assert!(kept.iter().all(|k| RESTART_KEYS.contains(k)));
-        assert_eq!(changed_keys(&running, &next), ["limits.max_message_size", "log.level"]);
+        // The streams per HTTP/2 connection apply to new connections.
+        assert_eq!(changed_keys(&running, &next), ["limits.max_message_size", "listen.http2_max_streams", "log.level"]);
     }
 }

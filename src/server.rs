@@ -1,6 +1,7 @@
 //! The listener: bind, accept, admit (`admission`: a place among the connections in their
 //! handshake, then at the first request a slot of `max_connections` or 503), wait for the first
-//! byte, terminate TLS under the handshake timeout, and serve HTTP/1.1 with upgrades.
+//! byte, terminate TLS under the handshake timeout, and serve HTTP/1.1 with upgrades, or HTTP/2
+//! (ALPN `h2`) with WebSockets as extended CONNECT streams (RFC 8441).
 //! `Server::run` also starts the admin server and the certificate watcher, and returns once a
 //! requested shutdown has drained.
 
@@ -383,8 +384,10 @@ async fn serve_connection(
 }
 
 /// The HTTP/2 settings that bound a connection's memory (README, "HTTP/2"): what a client may
-/// send on a stream before wskeep reads it, on all its streams together, and what hyper holds of
-/// what wskeep writes to a stream.
+/// send on a stream before wskeep reads it, and on all its streams together. The stream window
+/// also caps what hyper buffers of a plain response body for a client that does not read
+/// (`max_send_buf_size`); of a WebSocket stream's writes, hyper holds at most four (its bridge's
+/// channel, one waiting for the window, one in h2's queue).
 mod http2_limits {
     pub const STREAM_WINDOW: u32 = 128 * 1024;
     pub const CONNECTION_WINDOW: u32 = 1024 * 1024;

@@ -9,19 +9,16 @@
 mod common;
 mod idle_proxy;
 
+use common::chromium::Browser;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use wskeep::tools::legacy_upstream::{self, LegacyOptions};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
 /// The legacy upstream's read deadline (the orchestrator's 60 s, scaled).
 const DEADLINE: Duration = Duration::from_secs(1);
 /// The intermediary's idle cut.
@@ -97,120 +94,10 @@ async fn serve_page(results: mpsc::UnboundedSender<Value>) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(serve_http(tcp, results.clone()));
+            tokio::spawn(common::chromium::serve_page(tcp, PAGE, results.clone()));
         }
     });
     addr
-}
-
-/// One HTTP/1.1 request per connection: GET /page, POST /result, anything else 404.
-async fn serve_http(mut tcp: TcpStream, results: mpsc::UnboundedSender<Value>) {
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        match tcp.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => raw.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-    let mut request_line = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (request_line.next().unwrap_or(""), request_line.next().unwrap_or(""));
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = raw[head_end..].to_vec();
-    while body.len() < length {
-        match tcp.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let (status, content_type, content) = match (method, target.split('?').next().unwrap_or("")) {
-        ("GET", "/page") => ("200 OK", "text/html; charset=utf-8", PAGE),
-        ("POST", "/result") => {
-            let value = serde_json::from_slice(&body[..length]).unwrap_or_else(|e| {
-                Value::String(format!("unparsable result ({e}): {}", String::from_utf8_lossy(&body)))
-            });
-            let _ = results.send(value);
-            ("200 OK", "text/plain", "ok")
-        }
-        _ => ("404 Not Found", "text/plain", "not found"),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
-         Connection: close\r\n\r\n{content}",
-        content.len()
-    );
-    let _ = tcp.write_all(response.as_bytes()).await;
-    let _ = tcp.shutdown().await;
-}
-
-/// Headless Chromium in its own process group; killed (group and process, by id) when dropped.
-struct Browser {
-    child: Child,
-    _profile: tempfile::TempDir,
-    log: std::path::PathBuf,
-}
-
-impl Browser {
-    fn launch(url: &str) -> Browser {
-        assert!(
-            Path::new(CHROMIUM).exists(),
-            "{CHROMIUM} is missing: this test needs a real browser (apt-get install -y chromium)"
-        );
-        let profile = tempfile::tempdir().unwrap();
-        let log = profile.path().join("chromium.log");
-        let user_data = profile.path().join("profile");
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(CHROMIUM)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--ignore-certificate-errors",
-            ])
-            .arg(format!("--user-data-dir={}", user_data.display()))
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {CHROMIUM}: {e}"));
-        Browser { child, _profile: profile, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // SIGTERM first: Chromium then ends and reaps its helper processes itself. Whatever is
-        // left after a bounded wait is killed with the whole process group (its id).
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).stderr(Stdio::null()).status();
-        let give_up = std::time::Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < give_up {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let group = format!("-{pid}");
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The legacy upstream, wskeep (TLS) in front of it with this client keepalive, and the

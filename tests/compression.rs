@@ -17,11 +17,15 @@ use wskeep::frame::{self, FrameReader, Step, OP_TEXT, RSV1};
 const LIMIT: Duration = Duration::from_secs(20);
 
 async fn sidecar(upstream: &PythonUpstream, compression: bool) -> Wskeep {
-    let up = upstream.port;
+    sidecar_with(upstream, &format!("[compression]\nenabled = {compression}\n")).await
+}
+
+async fn sidecar_with(upstream: &PythonUpstream, extra: &str) -> Wskeep {
+    let (up, extra) = (upstream.port, extra.to_string());
     Wskeep::start_with(move |port, admin| {
         format!(
             "[listen]\naddr = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"ws://127.0.0.1:{up}\"\n\
-             [admin]\naddr = \"127.0.0.1:{admin}\"\n[compression]\nenabled = {compression}\n[log]\nformat = \"text\"\n"
+             [admin]\naddr = \"127.0.0.1:{admin}\"\n[log]\nformat = \"text\"\n{extra}"
         )
     })
     .await
@@ -29,11 +33,16 @@ async fn sidecar(upstream: &PythonUpstream, compression: bool) -> Wskeep {
 
 /// Runs the Python client through wskeep; its report.
 async fn python_client(wskeep: &Wskeep) -> Value {
+    python_peer(wskeep, "client").await
+}
+
+/// Runs `peers.py MODE` against wskeep; the JSON line it prints.
+async fn python_peer(wskeep: &Wskeep, mode: &'static str) -> Value {
     let url = format!("ws://{}/voice", wskeep.addr);
     let run =
-        tokio::task::spawn_blocking(move || Command::new(python()).arg(peers_script()).arg("client").arg(url).output());
+        tokio::task::spawn_blocking(move || Command::new(python()).arg(peers_script()).arg(mode).arg(url).output());
     let out = tokio::time::timeout(LIMIT, run).await.expect("the client finishes in time").unwrap().unwrap();
-    assert!(out.status.success(), "client failed: {}\n{}", String::from_utf8_lossy(&out.stderr), wskeep.log());
+    assert!(out.status.success(), "{mode} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), wskeep.log());
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -79,18 +88,6 @@ async fn with_compression_off_the_offer_is_stripped() {
     assert!(wire >= 100.0 * 1024.0, "{wire}");
 }
 
-/// `text` as permessage-deflate sends it when compressed on its own, in a stored block (a valid
-/// DEFLATE encoding any inflater reads; RFC 7692 §7.2.3.3).
-fn stored(text: &[u8]) -> Vec<u8> {
-    let len = text.len() as u16;
-    let mut out = vec![0x00];
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&(!len).to_le_bytes());
-    out.extend_from_slice(text);
-    out.push(0x00);
-    out
-}
-
 #[tokio::test]
 async fn compressed_frames_cross_unchanged_and_wskeeps_own_frames_are_not_compressed() {
     let upstream = PythonUpstream::start().await;
@@ -116,8 +113,14 @@ async fn compressed_frames_cross_unchanged_and_wskeeps_own_frames_are_not_compre
 
     // A compressed JSON ping, then a compressed message for the upstream to echo.
     let mut frames = Vec::new();
-    frame::write_frame(&mut frames, true, OP_TEXT | RSV1, &stored(br#"{"type":"ping","id":1}"#), Some([1, 2, 3, 4]));
-    frame::write_frame(&mut frames, true, OP_TEXT | RSV1, &stored(b"echo me"), Some([5, 6, 7, 8]));
+    frame::write_frame(
+        &mut frames,
+        true,
+        OP_TEXT | RSV1,
+        &wskeep::inflate::stored(br#"{"type":"ping","id":1}"#),
+        Some([1, 2, 3, 4]),
+    );
+    frame::write_frame(&mut frames, true, OP_TEXT | RSV1, &wskeep::inflate::stored(b"echo me"), Some([5, 6, 7, 8]));
     tcp.write_all(&frames).await.unwrap();
 
     // wskeep's pong is plain text; the upstream's echo comes back compressed (RSV1 set).
@@ -141,4 +144,24 @@ async fn compressed_frames_cross_unchanged_and_wskeeps_own_frames_are_not_compre
     assert_eq!(got[1].0, OP_TEXT | RSV1, "the upstream's compressed echo keeps its RSV1");
     let echoed = wskeep::inflate::small_text(&got[1].1, |t| Some(t.to_owned()));
     assert_eq!(echoed.as_deref(), Some("echo me"));
+}
+
+/// A resumable session with compression (docs/resume.md): the upstream is asked to compress each
+/// message on its own, so the messages wskeep replays after the client's connection died decode
+/// on the new connection; the client's compressed acks are read as control messages, not
+/// relayed; and the upstream sees one connection.
+#[tokio::test]
+async fn a_resumed_compressed_session_replays_messages_that_decode_on_the_new_connection() {
+    let upstream = PythonUpstream::start().await;
+    let wskeep = sidecar_with(&upstream, "[resume]\nenabled = true\ngrace = \"5s\"\n").await;
+    let report = python_peer(&wskeep, "resume-client").await;
+    let numbers: Vec<u64> = serde_json::from_value(report["numbers"].clone()).unwrap();
+    assert_eq!(numbers, (1..=50).collect::<Vec<_>>(), "every message exactly once, in order: {report}");
+    let agreed = report["upstream"]["agreed"].as_str().unwrap_or_default();
+    assert!(agreed.contains("server_no_context_takeover"), "{report}");
+    assert!(report["extensions"].as_str().is_some_and(|e| e.starts_with("permessage-deflate")), "{report}");
+    assert_eq!(report["upstream"]["connections"], 1, "{report}");
+    assert_eq!(report["upstream"]["control_seen"], 0, "a compressed ack reached the upstream: {report}");
+    let metrics = common::scrape(wskeep.admin).await;
+    assert_eq!(common::metric(&metrics, "wskeep_resume_sessions_resumed_total"), 1.0, "{metrics}");
 }

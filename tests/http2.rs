@@ -600,3 +600,148 @@ async fn streams_are_bounded_per_connection_and_by_max_connections() {
     c.send(Message::text("in")).await.unwrap();
     assert_eq!(next_message(&mut c).await, Some(Message::text("in")));
 }
+
+/// `wskeep bench --http2 N` (the h2 rows of tests/bench/compare.sh): WebSockets opened as
+/// streams, N per connection, echoed through wskeep.
+#[tokio::test]
+async fn the_load_generator_speaks_http2() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), "")).await;
+    let url = format!("wss://localhost:{}/", sidecar.addr.port());
+    let bench = wskeep::tools::bench::Common::new(url, true, None, Some(4));
+    let kind = wskeep::tools::bench::MessageKind::default();
+    let report = wskeep::tools::bench::throughput(&bench, 10, 64, 4, Duration::from_millis(300), kind).await.unwrap();
+    assert!(report["messages"].as_u64().unwrap() > 0, "{report}");
+    let text = await_metric(sidecar.admin, UPGRADES_H2, 10.0).await;
+    assert_eq!(common::metric(&text, UPGRADES_H1), 0.0, "{text}");
+    let report = wskeep::tools::bench::idle(&bench, 10, Duration::from_millis(100), 4, false).await.unwrap();
+    assert_eq!((report["opened"].as_u64(), report["lost"].as_u64()), (Some(10), Some(0)), "{report}");
+}
+
+/// `listen.idle_timeout` on HTTP/2: a connection with no request and no WebSocket for that long
+/// gets its GOAWAY; one whose WebSocket is open keeps going, however quiet.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_unless_it_carries_a_websocket() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let mut config = common::test_config(upstream.addr, Some(&cert), "");
+    config.listen.idle_timeout = Duration::from_millis(200);
+    let sidecar = common::start_sidecar(config).await;
+    let idle = h2_connect(sidecar.addr, &cert).await;
+    let busy = h2_connect(sidecar.addr, &cert).await;
+    let (mut ws, _) = busy.websocket("/quiet", &[]).await.unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while !idle.frames().iter().any(|f| f.0 == GOAWAY) {
+        assert!(Instant::now() < deadline, "no GOAWAY on an idle connection: {:?}", idle.frames());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Three more idle periods on the quiet WebSocket's connection: still open.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!busy.frames().iter().any(|f| f.0 == GOAWAY), "{:?}", busy.frames());
+    ws.send(Message::text("still open")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("still open")));
+}
+
+/// What an HTTP/2 WebSocket handshake must carry: version 13 (426 with the supported version
+/// otherwise, as on HTTP/1.1), and `:protocol websocket` (another protocol is a plain CONNECT:
+/// 405). Each refusal ends its stream only.
+#[tokio::test]
+async fn bad_extended_connects_are_refused_on_their_stream() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), "")).await;
+    let h2 = h2_connect(sidecar.addr, &cert).await;
+    let connect = |protocol: &'static str, version: &str| {
+        let mut request = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://localhost:{}/x", h2.port))
+            .header("sec-websocket-version", version)
+            .body(())
+            .unwrap();
+        request.extensions_mut().insert(h2::ext::Protocol::from_static(protocol));
+        request
+    };
+    for (request, want) in [(connect("websocket", "8"), 426), (connect("webtransport", "13"), 405)] {
+        let mut client = h2.client.clone().ready().await.unwrap();
+        let (response, _) = client.send_request(request, false).unwrap();
+        let response = tokio::time::timeout(LIMIT, response).await.unwrap().unwrap();
+        assert_eq!(response.status().as_u16(), want);
+        if want == 426 {
+            assert_eq!(response.headers().get("sec-websocket-version").unwrap(), "13");
+        }
+    }
+    let text = common::scrape(sidecar.admin).await;
+    assert_eq!(common::metric(&text, r#"wskeep_upgrade_failures_total{reason="bad_request"}"#), 1.0, "{text}");
+    assert!(upstream.seen.lock().unwrap().is_empty(), "nothing reached the upstream");
+    let (mut ws, _) = h2.websocket("/fine", &[]).await.unwrap();
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("ok")));
+}
+
+/// `listen.http2 = false`: a client offering `h2` and `http/1.1` gets HTTP/1.1.
+#[tokio::test]
+async fn http2_off_offers_only_http1() {
+    use rustls::pki_types::pem::PemObject;
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let mut config = common::test_config(upstream.addr, Some(&cert), "");
+    config.listen.http2 = false;
+    let sidecar = common::start_sidecar(config).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(sidecar.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut ws = common::wss(sidecar.addr, &cert, "/h1", &[]).await;
+    ws.send(Message::text("one")).await.unwrap();
+    assert_eq!(common::next_message(&mut ws, LIMIT).await, Some(Message::text("one")));
+    let text = await_metric(sidecar.admin, UPGRADES_H1, 1.0).await;
+    assert_eq!(common::metric(&text, UPGRADES_H2), 0.0);
+}
+
+/// The real binary: a WebSocket over HTTP/2 ends with a `connection closed` line that says
+/// `http_version` 2, and SIGTERM closes an open one with 1001 before the process exits 0.
+#[tokio::test]
+async fn the_binary_logs_the_transport_and_drains_http2_websockets() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let (tls_cert, tls_key) = (cert.cert.display().to_string(), cert.key.display().to_string());
+    let mut wskeep = common::binary::Wskeep::start_with(|port, admin| {
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{port}\"\ntls_cert = {tls_cert:?}\ntls_key = {tls_key:?}\n\
+             [admin]\naddr = \"127.0.0.1:{admin}\"\n[upstream]\nurl = \"ws://{}\"\n\
+             [shutdown]\ndrain_timeout = \"300ms\"\n[log]\nformat = \"json\"\n",
+            upstream.addr
+        )
+    })
+    .await;
+    let h2 = h2_connect(wskeep.addr, &cert).await;
+    let (mut first, _) = h2.websocket("/first", &[]).await.unwrap();
+    first.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut first).await, Some(Message::text("hi")));
+    first.close(None).await.unwrap();
+    let line = wskeep.wait_log_line(&["connection closed", "/first"], LIMIT).await;
+    assert!(line.contains(r#""http_version":"2""#), "{line}");
+    assert!(line.contains(r#""end":"client_close""#), "{line}");
+
+    let (mut second, _) = h2.websocket("/second", &[]).await.unwrap();
+    wskeep.signal("TERM");
+    match next_message(&mut second).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("no 1001 on the HTTP/2 stream: {other:?}"),
+    }
+    let _ = next_message(&mut second).await;
+    let status = wskeep.wait_exit(LIMIT).await.expect("wskeep exits after the drain");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(await_closes(&upstream.closes, 2).await.last(), Some(&(1001, "going away".to_string())));
+}

@@ -109,6 +109,11 @@ pub fn agreed(headers: &HeaderMap, offers: &[Params]) -> Result<Option<Params>, 
     if agreed.client_max_window_bits.is_some() && offers.iter().all(|o| o.client_max_window_bits.is_none()) {
         return Err("the upstream set client_max_window_bits, which was not offered");
     }
+    // Accepting an offer with server_no_context_takeover means including it (RFC 7692 §7.1.1.1);
+    // a resumable session needs it (each upstream message must decode alone after a replay).
+    if !agreed.server_no_context_takeover && offers.iter().all(|o| o.server_no_context_takeover) {
+        return Err("the upstream dropped server_no_context_takeover from its answer");
+    }
     Ok(Some(agreed))
 }
 
@@ -226,6 +231,9 @@ mod tests {
         assert!(agreed(&headers(&["x-custom"]), &offered).is_err());
         assert!(agreed(&headers(&["permessage-deflate", "permessage-deflate"]), &offered).is_err());
         assert!(agreed(&headers(&["permessage-deflate; client_max_window_bits"]), &offered).is_err(), "needs a value");
+        let no_takeover = offers(&["permessage-deflate; server_no_context_takeover"]);
+        assert!(agreed(&headers(&["permessage-deflate"]), &no_takeover).is_err(), "must keep it");
+        assert!(agreed(&headers(&["permessage-deflate; server_no_context_takeover"]), &no_takeover).is_ok());
         let without_bits = offers(&["permessage-deflate"]);
         assert!(agreed(&headers(&["permessage-deflate; client_max_window_bits=10"]), &without_bits).is_err());
     }

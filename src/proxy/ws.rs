@@ -76,8 +76,8 @@ pub async fn upgrade(
     let mut deflate_offers =
         if settings.config.compression.enabled { deflate::client_offers(req.headers()) } else { Vec::new() };
     if ask == Some(Ask::New) {
-        // A replayed message must decode alone on the new connection (docs/resume.md).
-        deflate_offers.iter_mut().for_each(|o| o.server_no_context_takeover = true);
+        // A replay must decode on the new connection: every upstream message compressed alone.
+        deflate_offers.iter_mut().for_each(|offer| offer.server_no_context_takeover = true);
     }
     let started = Instant::now();
     let upstream = open_upstream(&req, &shared, &settings, &meta, &offered, &deflate_offers).await;
@@ -89,19 +89,11 @@ pub async fn upgrade(
 
     // The client's 101 (HTTP/2: 200): the upstream's choice of subprotocol and its other
     // end-to-end headers (cookies, for instance), and on HTTP/1.1 the client's own accept key.
-    let mut response = Response::new(Body::default());
     let mut upstream_headers = upstream_response.headers().clone();
     headers::strip_response(&mut upstream_headers, true);
+    let mut response = accepted(client_key.as_deref());
+    upstream_headers.extend(response.headers_mut().drain());
     *response.headers_mut() = upstream_headers;
-    if let Some(client_key) = client_key {
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = response.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        // The key passed validation (base64 characters only), so the derived value is a valid header.
-        let accept = derive_accept_key(client_key.as_bytes());
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
-    }
     if let Some(agreed) = &deflate {
         response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
         metrics.compressed_connections.inc();
@@ -166,16 +158,7 @@ fn resume_session(
         }
         Ok((claim, received))
     });
-    // HTTP/1.1: 101 with the accept key; HTTP/2: 200 (RFC 8441 §5).
-    let mut response = Response::new(Body::default());
-    if let Some(client_key) = client_key {
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = response.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        let accept = derive_accept_key(client_key.as_bytes());
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
-    }
+    let mut response = accepted(client_key);
     let h = response.headers_mut();
     match &claim {
         Ok((claim, _)) => {
@@ -221,6 +204,22 @@ fn resume_session(
             Err(why) => session::refuse(leg, why, &metrics),
         }
     });
+    response
+}
+
+/// The client's answer that its WebSocket is open: on HTTP/1.1 a 101 with its accept key, on
+/// HTTP/2 (no key, RFC 8441 §5) a 200.
+fn accepted(client_key: Option<&str>) -> Response<Body> {
+    let mut response = Response::new(Body::default());
+    if let Some(client_key) = client_key {
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        // The key passed validation (base64 characters only), so the derived value is a valid header.
+        let accept = derive_accept_key(client_key.as_bytes());
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    }
     response
 }
 

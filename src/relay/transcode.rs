@@ -170,6 +170,21 @@ fn read_frames<S: Hooks>(
     Ok(())
 }
 
+/// Whether a text message's first frame (`payload`, plain) claims the control messages' prefix;
+/// a compressed one is inflated as far as the prefix (each message on a resumable session is
+/// compressed on its own: docs/resume.md).
+fn claims_prefix(frame: DataFrame, payload: &[u8]) -> bool {
+    if !frame.compressed {
+        return control::claims_prefix(payload, frame.fin);
+    }
+    let mut start = [0u8; control::PREFIX.len()];
+    match inflate::start(payload, &mut start) {
+        Some((n, all)) => control::claims_prefix(&start[..n], frame.fin && all),
+        // Not DEFLATE the endpoint could read alone: never a control message.
+        None => false,
+    }
+}
+
 enum ControlMessage {
     /// Not in the reserved prefix.
     None,
@@ -179,24 +194,19 @@ enum ControlMessage {
     Bad,
 }
 
-/// What the first frame of a text message on a resumable session is. A compressed one is looked
-/// into only if it is a whole message small enough to inflate alone (`inflate::small_text`):
-/// a larger one cannot be an ack, and is relayed.
-fn control_message(payload: &[u8], compressed: bool, whole: bool) -> ControlMessage {
-    let read = |text: &[u8]| match control::parse_client(text) {
-        Some(ack) if whole => ControlMessage::Some(ack),
-        _ => ControlMessage::Bad,
-    };
-    if compressed {
-        let found = whole.then(|| {
-            inflate::small_text(payload, |t| control::claims_prefix(t.as_bytes(), true).then(|| read(t.as_bytes())))
-        });
-        return found.flatten().unwrap_or(ControlMessage::None);
+/// What the first frame of a text message on a resumable session is.
+fn control_message(frame: DataFrame, payload: &[u8]) -> ControlMessage {
+    if !claims_prefix(frame, payload) {
+        return ControlMessage::None;
     }
-    if control::claims_prefix(payload, whole) {
-        read(payload)
-    } else {
-        ControlMessage::None
+    let ack = match frame.compressed {
+        // Compressed on its own (`client_no_context_takeover`), so a small one inflates alone.
+        true => inflate::small_text(payload, |text| control::parse_client(text.as_bytes())),
+        false => control::parse_client(payload),
+    };
+    match ack {
+        Some(ack) if frame.fin => ControlMessage::Some(ack),
+        _ => ControlMessage::Bad,
     }
 }
 
@@ -242,7 +252,7 @@ fn carry_piece<S: Hooks>(
         // A resumable session's control messages, and its count of the client's messages.
         if frame.kind == Kind::Text && frame.first {
             let payload = &out.buf[payload_at..];
-            match control_message(payload, frame.compressed, frame.fin) {
+            match control_message(frame, payload) {
                 ControlMessage::None => {}
                 ControlMessage::Some(_) | ControlMessage::Bad if from == Side::Upstream => return Err(RESERVED_PREFIX),
                 ControlMessage::Bad => return Err(BAD_CONTROL),

@@ -16,15 +16,30 @@ use tokio::time::Instant;
 
 use crate::tools::client::{self, ClientOptions, Connection, Incoming, Target, OP_BINARY, OP_PONG, OP_TEXT};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Common {
     pub url: String,
     pub insecure: bool,
     /// Trust this PEM bundle instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Open the WebSockets as streams of HTTP/2 connections (RFC 8441), this many per connection.
+    pub http2_streams: Option<usize>,
+    http2: Option<Arc<client::Http2Sessions>>,
 }
 
 impl Common {
+    pub fn new(url: String, insecure: bool, ca_file: Option<PathBuf>, http2_streams: Option<usize>) -> Common {
+        Common { url, insecure, ca_file, http2_streams, http2: None }
+    }
+
+    /// Sets up the HTTP/2 sessions, if asked for; before the first `open`.
+    fn prepare(&mut self) -> Result<(), client::ClientError> {
+        if let (Some(streams), None) = (self.http2_streams, &self.http2) {
+            self.http2 = Some(Arc::new(client::Http2Sessions::new(&self.url, self.options(None), streams)?));
+        }
+        Ok(())
+    }
+
     fn options(&self, bind: Option<IpAddr>) -> ClientOptions {
         ClientOptions {
             insecure: self.insecure,
@@ -36,7 +51,10 @@ impl Common {
     }
 
     async fn open(&self, bind: Option<IpAddr>) -> Result<Connection, client::ClientError> {
-        client::connect(&self.url, &self.options(bind)).await
+        match &self.http2 {
+            Some(sessions) => sessions.open(bind).await,
+            None => client::connect(&self.url, &self.options(bind)).await,
+        }
     }
 }
 
@@ -62,9 +80,16 @@ pub async fn throughput(
     if kind.compressed {
         options.headers.push(("Sec-WebSocket-Extensions".into(), "permessage-deflate".into()));
     }
+    let http2 = match common.http2_streams {
+        Some(streams) => Some(client::Http2Sessions::new(&common.url, options.clone(), streams)?),
+        None => None,
+    };
     let mut connections = Vec::with_capacity(conns);
     for _ in 0..conns {
-        let conn = client::connect(&common.url, &options).await?;
+        let conn = match &http2 {
+            Some(sessions) => sessions.open(None).await?,
+            None => client::connect(&common.url, &options).await?,
+        };
         if kind.compressed && !conn.extensions.as_deref().is_some_and(|e| e.starts_with("permessage-deflate")) {
             return Err(client::ClientError::Handshake("the server did not agree to permessage-deflate".into()));
         }
@@ -73,7 +98,7 @@ pub async fn throughput(
     let start = Instant::now();
     let stop = start + duration;
     let plain = vec![b'x'; size];
-    let payload: Arc<[u8]> = if kind.compressed { deflate_stored(&plain) } else { plain }.into();
+    let payload: Arc<[u8]> = if kind.compressed { crate::inflate::stored(&plain) } else { plain }.into();
     let opcode = if kind.binary { OP_BINARY } else { OP_TEXT } | if kind.compressed { crate::frame::RSV1 } else { 0 };
     // A resumable session (wskeep's [resume]) keeps every message until the client acks it.
     let resumable = common.url.contains("wskeep_resume=1");
@@ -149,23 +174,6 @@ pub async fn throughput(
         "seconds": secs, "messages_per_second": rate, "megabytes_per_second": rate * size as f64 / 1e6}))
 }
 
-/// `data` as one permessage-deflate message in DEFLATE stored blocks (RFC 1951 §3.2.4), without
-/// the sync flush's last four bytes (RFC 7692 §7.2.1): valid for any inflater, and the relay's
-/// work is the same as for compressed bytes.
-fn deflate_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 16);
-    for block in data.chunks(0xffff) {
-        let len = block.len() as u16;
-        out.push(0x00); // not final, stored
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(block);
-    }
-    // The sync flush: an empty stored block whose LEN and NLEN are left off.
-    out.push(0x00);
-    out
-}
-
 /// Round-trip time percentiles at a fixed aggregate rate, one message in flight per connection.
 pub async fn latency(
     common: &Common,
@@ -174,6 +182,8 @@ pub async fn latency(
     duration: Duration,
     size: usize,
 ) -> Result<serde_json::Value, client::ClientError> {
+    let mut common = common.clone();
+    common.prepare()?;
     let mut connections = Vec::with_capacity(conns);
     for _ in 0..conns {
         connections.push(common.open(None).await?);
@@ -251,6 +261,8 @@ pub async fn idle(
     parallel: usize,
     drop_all: bool,
 ) -> Result<serde_json::Value, client::ClientError> {
+    let mut common = common.clone();
+    common.prepare()?;
     let target = Target::parse(&common.url)?;
     let loopback = target.host.starts_with("127.") || target.host == "localhost";
     let limiter = Arc::new(Semaphore::new(parallel.max(1)));
@@ -324,16 +336,4 @@ pub async fn idle(
     println!("idle: {lost} connection(s) lost during the hold, {failed} failed to open, {pings} pings answered");
     Ok(json!({"scenario": "idle", "conns": conns, "opened": opened, "failed": failed,
         "handshakes_per_second": rate, "lost": lost, "pings_answered": pings, "hold_seconds": hold.as_secs_f64()}))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn stored_blocks_inflate_to_the_message() {
-        for len in [0, 64, 1000] {
-            let text = "x".repeat(len);
-            let inflated = crate::inflate::small_text(&super::deflate_stored(text.as_bytes()), |t| Some(t.to_owned()));
-            assert_eq!(inflated.as_deref(), Some(text.as_str()));
-        }
-    }
 }

@@ -203,8 +203,19 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
     if accept.as_deref() != Some(derive_accept_key(key.as_bytes()).as_str()) {
         return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
     }
+    Ok(framed(io, buf, protocol, extensions, options))
+}
+
+/// The framed connection over an upgraded stream; `buf` holds bytes read past the handshake.
+fn framed(
+    io: Box<dyn Io>,
+    buf: BytesMut,
+    protocol: Option<String>,
+    extensions: Option<String>,
+    options: &ClientOptions,
+) -> Connection {
     let (read, write) = tokio::io::split(io);
-    Ok(Connection {
+    Connection {
         reader: IncomingFrames {
             io: read,
             buf,
@@ -214,11 +225,134 @@ async fn handshake(mut io: Box<dyn Io>, target: &Target, options: &ClientOptions
         writer: OutgoingFrames { io: write, buf: BytesMut::with_capacity(256) },
         protocol,
         extensions,
-    })
+    }
+}
+
+type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// WebSockets over HTTP/2 (RFC 8441, as browsers open them): each TLS connection (ALPN `h2`)
+/// carries up to `per_session` WebSocket streams; a new connection is opened when the last is
+/// full.
+pub struct Http2Sessions {
+    target: Target,
+    tls: tokio_rustls::TlsConnector,
+    options: ClientOptions,
+    per_session: usize,
+    current: tokio::sync::Mutex<Option<(Http2Sender, usize)>>,
+}
+
+impl Http2Sessions {
+    pub fn new(url: &str, options: ClientOptions, per_session: usize) -> Result<Http2Sessions, ClientError> {
+        let target = Target::parse(url)?;
+        if !target.tls {
+            return Err(ClientError::Url(url.to_string(), "HTTP/2 needs wss:// (no h2c)"));
+        }
+        let tls = tls_connector_for(&options, b"h2")?;
+        Ok(Http2Sessions { target, tls, options, per_session: per_session.max(1), current: Default::default() })
+    }
+
+    /// Opens a WebSocket stream, on a new connection from `bind` if the current one is full.
+    pub async fn open(&self, bind: Option<IpAddr>) -> Result<Connection, ClientError> {
+        let work = async {
+            let mut sender = {
+                let mut current = self.current.lock().await;
+                match &mut *current {
+                    Some((sender, streams)) if *streams < self.per_session && !sender.is_closed() => {
+                        *streams += 1;
+                        sender.clone()
+                    }
+                    _ => {
+                        let sender = self.session(bind).await?;
+                        *current = Some((sender.clone(), 1));
+                        sender
+                    }
+                }
+            };
+            let (target, options) = (&self.target, &self.options);
+            let uri = format!("https://{}:{}{}", target.host, target.port, target.path);
+            let mut request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .version(http::Version::HTTP_2)
+                .uri(uri)
+                .header("sec-websocket-version", "13");
+            if !options.subprotocols.is_empty() {
+                request = request.header("sec-websocket-protocol", options.subprotocols.join(", "));
+            }
+            for (name, value) in &options.headers {
+                request = request.header(name.as_str(), value.as_str());
+            }
+            let mut request = request
+                .body(http_body_util::Empty::new())
+                .map_err(|e| ClientError::Handshake(format!("bad request: {e}")))?;
+            request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+            let failed = |e: hyper::Error| ClientError::Handshake(e.to_string());
+            sender.ready().await.map_err(failed)?;
+            let response = sender.send_request(request).await.map_err(failed)?;
+            if response.status() != http::StatusCode::OK {
+                let status = response.status().as_u16();
+                let body =
+                    http_body_util::BodyExt::collect(http_body_util::Limited::new(response.into_body(), 64 * 1024))
+                        .await
+                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                        .unwrap_or_default();
+                return Err(ClientError::Refused { status, body });
+            }
+            let header =
+                |name: &str| response.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let (protocol, extensions) = (header("sec-websocket-protocol"), header("sec-websocket-extensions"));
+            let upgraded = hyper::upgrade::on(response).await.map_err(failed)?;
+            let io = Box::new(hyper_util::rt::TokioIo::new(upgraded));
+            Ok(framed(io, BytesMut::new(), protocol, extensions, options))
+        };
+        match self.options.timeout {
+            Some(limit) => tokio::time::timeout(limit, work).await.map_err(|_| ClientError::Timeout)?,
+            None => work.await,
+        }
+    }
+
+    /// A new TLS connection speaking HTTP/2, once the server's SETTINGS allowed extended CONNECT.
+    async fn session(&self, bind: Option<IpAddr>) -> Result<Http2Sender, ClientError> {
+        let target = &self.target;
+        let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await?
+            .next()
+            .ok_or_else(|| ClientError::Url(target.host.clone(), "host does not resolve"))?;
+        let tcp = open_tcp(addr, bind).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(target.host.clone())
+            .map_err(|_| ClientError::Tls(format!("{:?} is not a valid TLS server name", target.host)))?;
+        let tls = self.tls.connect(name, tcp).await.map_err(|e| tls_failure(&e, target, &self.options))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(ClientError::Handshake("the server does not speak HTTP/2 (ALPN h2 not chosen)".into()));
+        }
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| ClientError::Handshake(e.to_string()))?;
+        // The server's SETTINGS come right after the preface: the connection is driven here
+        // until they allowed extended CONNECT (bounded), then in a task of its own.
+        let mut conn = Box::pin(conn);
+        for _ in 0..400 {
+            if conn.is_extended_connect_protocol_enabled() {
+                tokio::spawn(conn);
+                return Ok(sender);
+            }
+            tokio::select! {
+                _ = &mut conn => return Err(ClientError::Handshake("the server closed the HTTP/2 connection".into())),
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+        Err(ClientError::Handshake("the server's HTTP/2 SETTINGS do not allow WebSockets (RFC 8441)".into()))
+    }
 }
 
 /// A TLS connector trusting the system roots, a given bundle, or (insecure) anything.
 pub fn tls_connector(options: &ClientOptions) -> Result<tokio_rustls::TlsConnector, ClientError> {
+    tls_connector_for(options, b"http/1.1")
+}
+
+/// As `tls_connector`, offering `alpn`.
+fn tls_connector_for(options: &ClientOptions, alpn: &[u8]) -> Result<tokio_rustls::TlsConnector, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -247,7 +381,7 @@ pub fn tls_connector(options: &ClientOptions) -> Result<tokio_rustls::TlsConnect
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

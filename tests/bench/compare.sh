@@ -26,7 +26,10 @@
 #                          (msg/s is the Python echo's; proxy CPU per message is the figure)
 #   PROXIES [direct nginx haproxy wskeep]
 #                       also wskeep-wss: wskeep with a wss:// upstream (a second wskeep terminating
-#                       TLS in front of the echo upstream, on CPU 0), for the cost of a TLS upstream leg
+#                       TLS in front of the echo upstream, on CPU 0), for the cost of a TLS upstream leg;
+#                       and wskeep-h2: wskeep with every WebSocket a stream of an HTTP/2 connection
+#                       (RFC 8441, `bench --http2 100`: 100 streams per TLS connection, as many
+#                       as wskeep's default listen.http2_max_streams), for the cost of the h2 path
 #   IDLE_CONNS [9500]   a process may hold 20,000 descriptors here and a proxy needs two per
 #                       connection plus its listener, log and epoll descriptors: 10,000 does not fit
 #   IDLE_HOLD [20s]     hold of scenario 4
@@ -67,7 +70,7 @@ for tool in $tools; do
 done
 for p in $PROXIES; do
   case $p in
-    direct|wskeep|wskeep-wss) ;;
+    direct|wskeep|wskeep-wss|wskeep-h2) ;;
     nginx|haproxy) command -v "$p" >/dev/null || { echo "compare.sh: $p not found (apt-get install nginx haproxy)" >&2; exit 1; } ;;
     *) echo "compare.sh: unknown proxy $p" >&2; exit 1 ;;
   esac
@@ -202,7 +205,7 @@ CONF
       proxy_pid=$!; pids+=("$proxy_pid")
       wait_tcp "$proxy_port" || { echo "haproxy did not start:" >&2; tail -20 "$OUT/haproxy.log" >&2; exit 1; }
       ;;
-    wskeep|wskeep-wss)
+    wskeep|wskeep-wss|wskeep-h2)
       admin_port=$(free_port)
       local ping=0s ctimeout=3600s utimeout=0s upstream_url="ws://127.0.0.1:$echo_port" upstream_tls=
       if [[ $name == wskeep-wss ]]; then
@@ -292,7 +295,7 @@ jget() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]]
 url() {
   if [[ $current == direct ]]; then echo "ws://127.0.0.1:$echo_port/"; else echo "wss://127.0.0.1:$proxy_port/"; fi
 }
-tls() { [[ $current == direct ]] || echo --insecure; }
+tls() { [[ $current == direct ]] || echo --insecure; [[ $current == wskeep-h2 ]] && echo --http2 100; true; }
 
 # finish_idle PID HOLD_SECONDS: waits for a `bench idle` run (KILL two minutes past its hold),
 # then sets `json` to its JSON line; fails, with its log's tail, if it did not succeed. Not in a

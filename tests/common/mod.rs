@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod chromium;
 pub mod python;
 
 use std::net::SocketAddr;

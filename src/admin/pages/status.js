@@ -62,6 +62,11 @@ function render(s) {
   drawRtt(live.rtt);
 }
 
+// The path, marked when the WebSocket was a stream of an HTTP/2 connection.
+function pathOf(c) {
+  return c.http_version === "2" ? `${c.path} (HTTP/2)` : c.path;
+}
+
 function renderLive(rows) {
   const body = document.querySelector("#live tbody");
   const out = rows.map((c) => {
@@ -69,7 +74,7 @@ function renderLive(rows) {
     tr.dataset.id = c.id;
     tr.dataset.path = c.path;
     tr.append(
-      el("td", c.id, "num"), el("td", c.peer), el("td", c.path), el("td", seconds(c.age_seconds), "num"),
+      el("td", c.id, "num"), el("td", c.peer), el("td", pathOf(c)), el("td", seconds(c.age_seconds), "num"),
       el("td", seconds(c.client.since_last_frame_seconds), "num"), el("td", rtt(c.client.last_rtt_seconds), "num"),
       el("td", seconds(c.upstream.since_last_frame_seconds), "num"), el("td", rtt(c.upstream.last_rtt_seconds), "num"),
       el("td", `${c.client.pings_answered} / ${c.upstream.pings_answered}`, "num"),
@@ -99,7 +104,7 @@ function renderEndings(rows, total) {
     const meanings = el("td");
     for (const [c, words] of Object.entries(e.code_meanings)) meanings.append(el("div", `${c}: ${words}`));
     tr.append(
-      el("td", new Date(e.ended_at * 1000).toLocaleTimeString()), el("td", e.id, "num"), el("td", e.path),
+      el("td", new Date(e.ended_at * 1000).toLocaleTimeString()), el("td", e.id, "num"), el("td", pathOf(e)),
       el("td", seconds(e.duration_seconds), "num"), end,
       el("td", `${code(e.client.received)} / ${code(e.client.sent)}`),
       el("td", `${code(e.upstream.received)} / ${code(e.upstream.sent)}`), meanings);
