@@ -2,7 +2,9 @@
 # Installs everything the test suite needs on a fresh Debian machine (as root). Idempotent.
 #   chromium              the real browser of tests/browser.rs, tests/browser_http2.rs and tests/pages.rs
 #   nodejs, npm,          tests/pages.rs drives Chromium through the admin pages with
-#   playwright-core (npm) playwright-core, installed from tests/pages/package-lock.json
+#   playwright-core (npm) playwright-core, installed from tests/pages/package-lock.json;
+#                         tests/js_client.rs runs the resume shim's tests (clients/js) on node
+#                         (>= 20.10: its WebSocket) and its proof on Chromium
 #   prometheus, promtool  tests/metrics.rs (a real Prometheus scraping wskeep) and deploy/check.sh
 #   kosoku (PyPI)         the Autobahn|Testsuite cases, tests/conformance/run.sh
 #   kubernetes-validate   deploy/check.sh
