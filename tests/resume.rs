@@ -157,6 +157,8 @@ async fn a_resume_replays_the_gap_once_in_order_and_the_upstream_sees_one_connec
     assert_eq!(common::metric(&text, "wskeep_connections_active"), 1.0, "a detached session is still open");
     let (_, listing) = common::http_get(wskeep.admin, "/connections").await.unwrap();
     assert!(listing.contains("\"state\":\"detached\""), "{listing}");
+    let (_, status) = common::http_get(wskeep.admin, "/status.json").await.unwrap();
+    assert!(status.contains("\"state\":\"detached\""), "the status page's rows too: {status}");
     assert!(!listing.contains(&token[17..]), "the secret is never shown");
 
     // The upstream talks during the gap.

@@ -67,14 +67,19 @@ function pathOf(c) {
   return c.http_version === "2" ? `${c.path} (HTTP/2)` : c.path;
 }
 
+// A resumable session's state (docs/resume.md) after its path: detached ones wait for their client.
+const SESSION_MARKS = { attached: " (resumable)", detached: " (detached: waiting for its client)" };
+
 function renderLive(rows) {
   const body = document.querySelector("#live tbody");
   const out = rows.map((c) => {
     const tr = el("tr");
     tr.dataset.id = c.id;
+    tr.dataset.state = c.state;
     tr.dataset.path = c.path;
     tr.append(
-      el("td", c.id, "num"), el("td", c.peer), el("td", pathOf(c)), el("td", seconds(c.age_seconds), "num"),
+      el("td", c.id, "num"), el("td", c.peer), el("td", pathOf(c) + (SESSION_MARKS[c.state] || "")),
+      el("td", seconds(c.age_seconds), "num"),
       el("td", seconds(c.client.since_last_frame_seconds), "num"), el("td", rtt(c.client.last_rtt_seconds), "num"),
       el("td", seconds(c.upstream.since_last_frame_seconds), "num"), el("td", rtt(c.upstream.last_rtt_seconds), "num"),
       el("td", `${c.client.pings_answered} / ${c.upstream.pings_answered}`, "num"),
