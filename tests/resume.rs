@@ -468,3 +468,46 @@ async fn probe_resume_drops_its_connection_and_loses_nothing() {
     connections.recv().await.unwrap();
     assert!(connections.try_recv().is_err(), "the upstream saw one connection");
 }
+
+/// Over HTTP/2 (RFC 8441) a session is a stream: a reset stream detaches it, and a resume on a
+/// new stream (answered 200, not 101) replays what the upstream sent meanwhile.
+#[tokio::test]
+async fn a_session_resumes_over_http2() {
+    use wskeep::tools::client::{ClientOptions, Http2Sessions, Incoming};
+    let (up_addr, mut upstreams) = upstream().await;
+    let cert = common::test_cert();
+    let tls =
+        format!("tls_cert = {:?}\ntls_key = {:?}\n", cert.cert.display().to_string(), cert.key.display().to_string());
+    let wskeep = Wskeep::start_with(move |port, admin| {
+        config(up_addr, RESUME)(port, admin).replacen("[admin]", &format!("{tls}[admin]"), 1)
+    })
+    .await;
+    let options = ClientOptions { insecure: true, ..Default::default() };
+    async fn text(conn: &mut wskeep::tools::client::Connection) -> String {
+        loop {
+            match tokio::time::timeout(LIMIT, conn.reader.read_message()).await.expect("a message in time") {
+                Ok(Some(Incoming::Text(t))) => return String::from_utf8(t.to_vec()).unwrap(),
+                Ok(Some(Incoming::Ping(_) | Incoming::Pong(_))) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+    let url = |query: &str| format!("wss://127.0.0.1:{}/chat?{query}", wskeep.addr.port());
+    let first = Http2Sessions::new(&url("wskeep_resume=1"), options.clone(), 1).unwrap();
+    let mut conn = first.open(None).await.expect("an HTTP/2 WebSocket");
+    let (_, mut up) = upstreams.recv().await.unwrap();
+    let (token, _) = session(&text(&mut conn).await);
+    drop((conn, first));
+    wskeep.wait_metric("wskeep_resume_sessions_detached_total", 1.0, LIMIT).await;
+    up.send(Message::text("while away")).await.unwrap();
+    upstream_messages_reach(&wskeep, 1).await;
+
+    let query = format!("wskeep_resume=1&wskeep_token={token}&wskeep_received=0");
+    let second = Http2Sessions::new(&url(&query), options, 1).unwrap();
+    let mut conn = second.open(None).await.expect("the resume is answered 200");
+    let (_, has) = session(&text(&mut conn).await);
+    assert_eq!(has, 0);
+    assert_eq!(text(&mut conn).await, "while away");
+    wskeep.wait_metric("wskeep_resume_sessions_resumed_total", 1.0, LIMIT).await;
+    assert!(upstreams.try_recv().is_err(), "the upstream saw one connection");
+}
