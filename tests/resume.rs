@@ -111,14 +111,19 @@ fn session(text: &str) -> (String, u64) {
 
 /// Waits until wskeep has read `n` messages from the upstream of its (only) connection.
 async fn upstream_messages_reach(wskeep: &Wskeep, n: u64) {
+    upstream_count_reaches(wskeep, "messages", n).await
+}
+
+/// Waits until the upstream leg's `field` in `/connections` (`messages`, `bytes`) reaches `n`.
+async fn upstream_count_reaches(wskeep: &Wskeep, field: &str, n: u64) {
     let deadline = std::time::Instant::now() + LIMIT;
     loop {
         let (_, body) = common::http_get(wskeep.admin, "/connections").await.unwrap();
         let list: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if list[0]["upstream"]["messages"].as_u64() >= Some(n) {
+        if list[0]["upstream"][field].as_u64() >= Some(n) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "wskeep never read {n} upstream messages: {list}");
+        assert!(std::time::Instant::now() < deadline, "wskeep never read {n} upstream {field}: {list}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -510,4 +515,30 @@ async fn a_session_resumes_over_http2() {
     assert_eq!(text(&mut conn).await, "while away");
     wskeep.wait_metric("wskeep_resume_sessions_resumed_total", 1.0, LIMIT).await;
     assert!(upstreams.try_recv().is_err(), "the upstream saw one connection");
+}
+
+/// A JSON pong that waits behind a fragmented upstream message reaches the client after it, and
+/// is numbered and replayed in that same order.
+#[tokio::test]
+async fn a_json_pong_held_behind_a_fragmented_message_keeps_its_place_in_the_replay() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, RESUME)).await;
+    let (mut client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    up.send(Message::Frame(Frame::message(&b"first "[..], OpCode::Data(Data::Text), false))).await.unwrap();
+    // wskeep has relayed the first fragment before the ping comes.
+    upstream_count_reaches(&wskeep, "bytes", 6).await;
+    client.send(Message::text("{\"type\":\"ping\"}")).await.unwrap();
+    wskeep.wait_metric("wskeep_json_pings_answered_total", 1.0, LIMIT).await;
+    up.send(Message::Frame(Frame::message(&b"last"[..], OpCode::Data(Data::Continue), true))).await.unwrap();
+    assert_eq!(next_text(&mut client).await, "first last");
+    assert_eq!(next_text(&mut client).await, "{\"type\":\"pong\"}");
+    drop(client);
+    wskeep.wait_metric("wskeep_resume_sessions_detached_total", 1.0, LIMIT).await;
+    let mut client = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer a")]).await;
+    let (_, has) = session(&next_text(&mut client).await);
+    assert_eq!(has, 1);
+    assert_eq!(next_text(&mut client).await, "first last", "message 1");
+    assert_eq!(next_text(&mut client).await, "{\"type\":\"pong\"}", "message 2");
 }
