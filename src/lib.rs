@@ -7,7 +7,8 @@
 //! - `proxy_protocol`, `cidr`: the PROXY protocol header before TLS, and `listen.trusted_proxies`
 //! - `proxy`: the request handler: `ws` (upgrade, upstream first), `http` (plain reverse proxy),
 //!   `headers` (forwarding rules and upgrade validation)
-//! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings
+//! - `relay`: the life of one proxied WebSocket: relay, keepalive, endings; `relay::session` for a
+//!   resumable one (attach, detach, splice)
 //! - `frame`, `legstream`, `keepalive`, `jsonping`: what the relay uses: WebSocket frames, each
 //!   leg's transport, both legs' timers and the JSON ping matcher
 //! - `shutdown`: drain and close phases, signals; `reload`: the configuration reload (SIGHUP)

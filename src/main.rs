@@ -224,30 +224,23 @@ fn probe(args: ProbeArgs) -> ExitCode {
             dead_after: args.dead_after,
             give_up_after: std::time::Duration::from_secs(60),
         };
-        return match runtime().block_on(wskeep::tools::probe::resume::run(&options.url, &options, &resume)) {
-            Ok(report) => {
-                print!("{report}");
-                if report.lossless() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                eprintln!("probe failed: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        let report = runtime().block_on(wskeep::tools::probe::resume::run(&options.url, &options, &resume));
+        return probe_exit(report.map(|r| {
+            print!("{r}");
+            r.lossless()
+        }));
     }
-    match runtime().block_on(wskeep::tools::probe::run(&options)) {
-        Ok(report) => {
-            print!("{report}");
-            if report.completed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    probe_exit(runtime().block_on(wskeep::tools::probe::run(&options)).map(|r| {
+        print!("{r}");
+        r.completed
+    }))
+}
+
+/// Success when the probe ran and its run passed (printed already).
+fn probe_exit<E: std::fmt::Display>(passed: Result<bool, E>) -> ExitCode {
+    match passed {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("probe failed: {e}");
             ExitCode::FAILURE

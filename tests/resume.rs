@@ -111,14 +111,19 @@ fn session(text: &str) -> (String, u64) {
 
 /// Waits until wskeep has read `n` messages from the upstream of its (only) connection.
 async fn upstream_messages_reach(wskeep: &Wskeep, n: u64) {
+    upstream_count_reaches(wskeep, "messages", n).await
+}
+
+/// Waits until the upstream leg's `field` in `/connections` (`messages`, `bytes`) reaches `n`.
+async fn upstream_count_reaches(wskeep: &Wskeep, field: &str, n: u64) {
     let deadline = std::time::Instant::now() + LIMIT;
     loop {
         let (_, body) = common::http_get(wskeep.admin, "/connections").await.unwrap();
         let list: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if list[0]["upstream"]["messages"].as_u64() >= Some(n) {
+        if list[0]["upstream"][field].as_u64() >= Some(n) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "wskeep never read {n} upstream messages: {list}");
+        assert!(std::time::Instant::now() < deadline, "wskeep never read {n} upstream {field}: {list}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -467,4 +472,73 @@ async fn probe_resume_drops_its_connection_and_loses_nothing() {
     wskeep.wait_metric("wskeep_resume_sessions_resumed_total", resumes as f64, LIMIT).await;
     connections.recv().await.unwrap();
     assert!(connections.try_recv().is_err(), "the upstream saw one connection");
+}
+
+/// Over HTTP/2 (RFC 8441) a session is a stream: a reset stream detaches it, and a resume on a
+/// new stream (answered 200, not 101) replays what the upstream sent meanwhile.
+#[tokio::test]
+async fn a_session_resumes_over_http2() {
+    use wskeep::tools::client::{ClientOptions, Http2Sessions, Incoming};
+    let (up_addr, mut upstreams) = upstream().await;
+    let cert = common::test_cert();
+    let tls =
+        format!("tls_cert = {:?}\ntls_key = {:?}\n", cert.cert.display().to_string(), cert.key.display().to_string());
+    let wskeep = Wskeep::start_with(move |port, admin| {
+        config(up_addr, RESUME)(port, admin).replacen("[admin]", &format!("{tls}[admin]"), 1)
+    })
+    .await;
+    let options = ClientOptions { insecure: true, ..Default::default() };
+    async fn text(conn: &mut wskeep::tools::client::Connection) -> String {
+        loop {
+            match tokio::time::timeout(LIMIT, conn.reader.read_message()).await.expect("a message in time") {
+                Ok(Some(Incoming::Text(t))) => return String::from_utf8(t.to_vec()).unwrap(),
+                Ok(Some(Incoming::Ping(_) | Incoming::Pong(_))) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+    let url = |query: &str| format!("wss://127.0.0.1:{}/chat?{query}", wskeep.addr.port());
+    let first = Http2Sessions::new(&url("wskeep_resume=1"), options.clone(), 1).unwrap();
+    let mut conn = first.open(None).await.expect("an HTTP/2 WebSocket");
+    let (_, mut up) = upstreams.recv().await.unwrap();
+    let (token, _) = session(&text(&mut conn).await);
+    drop((conn, first));
+    wskeep.wait_metric("wskeep_resume_sessions_detached_total", 1.0, LIMIT).await;
+    up.send(Message::text("while away")).await.unwrap();
+    upstream_messages_reach(&wskeep, 1).await;
+
+    let query = format!("wskeep_resume=1&wskeep_token={token}&wskeep_received=0");
+    let second = Http2Sessions::new(&url(&query), options, 1).unwrap();
+    let mut conn = second.open(None).await.expect("the resume is answered 200");
+    let (_, has) = session(&text(&mut conn).await);
+    assert_eq!(has, 0);
+    assert_eq!(text(&mut conn).await, "while away");
+    wskeep.wait_metric("wskeep_resume_sessions_resumed_total", 1.0, LIMIT).await;
+    assert!(upstreams.try_recv().is_err(), "the upstream saw one connection");
+}
+
+/// A JSON pong that waits behind a fragmented upstream message reaches the client after it, and
+/// is numbered and replayed in that same order.
+#[tokio::test]
+async fn a_json_pong_held_behind_a_fragmented_message_keeps_its_place_in_the_replay() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, RESUME)).await;
+    let (mut client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    up.send(Message::Frame(Frame::message(&b"first "[..], OpCode::Data(Data::Text), false))).await.unwrap();
+    // wskeep has relayed the first fragment before the ping comes.
+    upstream_count_reaches(&wskeep, "bytes", 6).await;
+    client.send(Message::text("{\"type\":\"ping\"}")).await.unwrap();
+    wskeep.wait_metric("wskeep_json_pings_answered_total", 1.0, LIMIT).await;
+    up.send(Message::Frame(Frame::message(&b"last"[..], OpCode::Data(Data::Continue), true))).await.unwrap();
+    assert_eq!(next_text(&mut client).await, "first last");
+    assert_eq!(next_text(&mut client).await, "{\"type\":\"pong\"}");
+    drop(client);
+    wskeep.wait_metric("wskeep_resume_sessions_detached_total", 1.0, LIMIT).await;
+    let mut client = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer a")]).await;
+    let (_, has) = session(&next_text(&mut client).await);
+    assert_eq!(has, 1);
+    assert_eq!(next_text(&mut client).await, "first last", "message 1");
+    assert_eq!(next_text(&mut client).await, "{\"type\":\"pong\"}", "message 2");
 }

@@ -9,7 +9,7 @@
 # Environment (defaults in brackets):
 #   ROUNDS [3]          rounds; round r runs the proxies in PROXIES rotated by r, medians are reported
 #   DURATION [10s]      length of scenarios 1-3
-#   SCENARIOS [1 2 3 4 5 6]
+#   SCENARIOS [1 2 3 4 5 6 7]
 #                       1: 64 B text, 50 connections, window 16          (messages/s, proxy CPU per message)
 #                       2: 16 KiB binary, 20 connections, window 4       (messages/s, proxy CPU per message)
 #                       3: latency, 2,000 messages/s over 100 connections (p50, p99, proxy CPU)
@@ -24,6 +24,9 @@
 #                          `websockets` echo upstream (tests/compression/peers.py, from
 #                          tests/networks/install.sh's venv), every message sent with RSV1
 #                          (msg/s is the Python echo's; proxy CPU per message is the figure)
+#                       7: wskeep: lossless reconnect (tests/bench/resume.sh, one round, plain ws://):
+#                          RSS per idle connection, ordinary / resumable attached / resumable
+#                          detached, and CPU per echoed 64 B message, ordinary / resumable
 #   PROXIES [direct nginx haproxy wskeep]
 #                       also wskeep-wss: wskeep with a wss:// upstream (a second wskeep terminating
 #                       TLS in front of the echo upstream, on CPU 0), for the cost of a TLS upstream leg;
@@ -52,7 +55,7 @@ cd "$(dirname "$0")/../.."
 bin=$(realpath "${1:-target/release/wskeep}")
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
-SCENARIOS=${SCENARIOS:-1 2 3 4 5 6}
+SCENARIOS=${SCENARIOS:-1 2 3 4 5 6 7}
 PROXIES=${PROXIES:-direct nginx haproxy wskeep}
 IDLE_CONNS=${IDLE_CONNS:-9500}
 IDLE_HOLD=${IDLE_HOLD:-20s}
@@ -349,6 +352,16 @@ scenario() {
   local s=$1 tag="r${round}-${current}-s$1"
   log "round $round: $current, scenario $s"
   if [[ $s == 5 && $current == direct ]]; then floor_s5; return 0; fi
+  if [[ $s == 7 ]]; then
+    # Its own processes and placement (wskeep on CPU 1, load on CPU 0), one round.
+    ROUNDS=1 CONNS=2000 DURATION="$DURATION" bash tests/bench/resume.sh "$bin" >"$OUT/$tag.log" 2>&1 \
+      || { echo "resume.sh failed:" >&2; tail -5 "$OUT/$tag.log" >&2; return 0; }
+    local line; line=$(tail -1 "$OUT/$tag.log")
+    local keys=(s7.ordinary_b s7.attached_b s7.detached_b s7.ordinary_us s7.resumable_us) i
+    read -r -a fields <<<"$line"
+    for i in 0 1 2 3 4; do result "${keys[$i]}" "${fields[$((i + 1))]}"; done
+    return 0
+  fi
   start_echo "$([[ $s == 6 ]] && echo compressing)"
   start_proxy "$current" "$([[ $s == 5 ]] && echo keepalive)"
   case $s in
@@ -455,6 +468,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   for current in "${order[@]}"; do
     for s in "${slist[@]}"; do
       [[ $s == 5 && $current != wskeep && $current != direct ]] && continue
+      [[ $s == 7 && $current != wskeep ]] && continue
       scenario "$s"
     done
   done
@@ -495,6 +509,11 @@ rows = [
     ("s6.msgs", "6  as 1, permessage-deflate (Python echo): msg/s", "higher", "{:.0f}"),
     ("s6.cpu_us_per_msg", "   proxy CPU per echoed message, us", "lower", "{:.2f}"),
     ("s6.cpu_pct", "   proxy CPU, % of one core", "", "{:.0f}"),
+    ("s7.ordinary_b", "7  resume: RSS per idle connection, ordinary, B", "lower", "{:.0f}"),
+    ("s7.attached_b", "   resumable, attached, B", "lower", "{:.0f}"),
+    ("s7.detached_b", "   resumable, detached (client gone), B", "lower", "{:.0f}"),
+    ("s7.ordinary_us", "   CPU per echoed 64 B message, ordinary, us", "lower", "{:.2f}"),
+    ("s7.resumable_us", "   CPU per echoed 64 B message, resumable, us", "lower", "{:.2f}"),
 ]
 cols = proxies + ["wskeep/nginx", "wskeep/haproxy"]
 w0 = max(len(r[1]) for r in rows) + 1
