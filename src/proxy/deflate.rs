@@ -51,6 +51,24 @@ impl Params {
         Some(p)
     }
 
+    /// Whether `self`, an answer, accepts `offer` (RFC 7692 §7.1): a requested
+    /// `server_no_context_takeover` is kept, a `server_max_window_bits` limit is kept or lowered,
+    /// and `client_max_window_bits` is set only if offered, never above the offered value.
+    fn answers(&self, offer: &Params) -> bool {
+        let server_bits = match (offer.server_max_window_bits, self.server_max_window_bits) {
+            (Some(limit), Some(bits)) => bits <= limit,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        let client_bits = match (offer.client_max_window_bits, self.client_max_window_bits) {
+            (_, None) => true,
+            (Some(None), Some(_)) => true,
+            (Some(Some(limit)), Some(Some(bits))) => bits <= limit,
+            _ => false,
+        };
+        (self.server_no_context_takeover || !offer.server_no_context_takeover) && server_bits && client_bits
+    }
+
     fn write(&self, out: &mut String) {
         out.push_str(NAME);
         if self.server_no_context_takeover {
@@ -106,15 +124,18 @@ pub fn agreed(headers: &HeaderMap, offers: &[Params]) -> Result<Option<Params>, 
     }
     let agreed =
         Params::parse(params.into_iter(), false).ok_or("the upstream's permessage-deflate parameters are not valid")?;
-    if agreed.client_max_window_bits.is_some() && offers.iter().all(|o| o.client_max_window_bits.is_none()) {
-        return Err("the upstream set client_max_window_bits, which was not offered");
-    }
-    // Accepting an offer with server_no_context_takeover means including it (RFC 7692 §7.1.1.1);
-    // a resumable session needs it (each upstream message must decode alone after a replay).
-    if !agreed.server_no_context_takeover && offers.iter().all(|o| o.server_no_context_takeover) {
-        return Err("the upstream dropped server_no_context_takeover from its answer");
+    if !offers.iter().any(|offer| agreed.answers(offer)) {
+        return Err("the upstream's permessage-deflate answer fits none of the offers");
     }
     Ok(Some(agreed))
+}
+
+/// Whether `answer` (a client answer this session gave before) accepts one of `offers`: a
+/// resumed connection keeps the first one's parameters.
+pub fn allows(answer: &HeaderValue, offers: &[Params]) -> bool {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, answer.clone());
+    agreed(&headers, offers).is_ok_and(|agreed| agreed.is_some())
 }
 
 /// The client's answer: what the upstream agreed to, with every client message compressed on
@@ -234,8 +255,26 @@ mod tests {
         let no_takeover = offers(&["permessage-deflate; server_no_context_takeover"]);
         assert!(agreed(&headers(&["permessage-deflate"]), &no_takeover).is_err(), "must keep it");
         assert!(agreed(&headers(&["permessage-deflate; server_no_context_takeover"]), &no_takeover).is_ok());
+        let limited = offers(&["permessage-deflate; server_max_window_bits=10; client_max_window_bits=12"]);
+        assert!(agreed(&headers(&["permessage-deflate"]), &limited).is_err(), "the server's limit dropped");
+        assert!(agreed(&headers(&["permessage-deflate; server_max_window_bits=11"]), &limited).is_err());
+        let within = "permessage-deflate; server_max_window_bits=9; client_max_window_bits=12";
+        assert!(agreed(&headers(&[within]), &limited).is_ok());
+        let above = "permessage-deflate; server_max_window_bits=10; client_max_window_bits=13";
+        assert!(agreed(&headers(&[above]), &limited).is_err());
+        // Any one of several offers may be the one answered.
+        let two = offers(&["permessage-deflate; server_max_window_bits=10, permessage-deflate"]);
+        assert!(agreed(&headers(&["permessage-deflate"]), &two).is_ok());
         let without_bits = offers(&["permessage-deflate"]);
         assert!(agreed(&headers(&["permessage-deflate; client_max_window_bits=10"]), &without_bits).is_err());
+    }
+
+    #[test]
+    fn a_resume_must_offer_what_the_session_agreed() {
+        let answer = client_answer(&Params { server_max_window_bits: Some(12), ..Params::default() });
+        assert!(allows(&answer, &offers(&["permessage-deflate; client_max_window_bits"])));
+        assert!(!allows(&answer, &offers(&["permessage-deflate; server_max_window_bits=10"])), "a smaller limit");
+        assert!(!allows(&answer, &[]), "no compression offered");
     }
 
     #[test]

@@ -150,13 +150,12 @@ fn resume_session(
         (Some(_), None) => Err(Failure::BadCount),
         (None, _) => Err(Failure::BadToken),
     };
-    // A compressed session's replay is compressed: the new offer must include compression.
-    let claim = claim.and_then(|(claim, received)| {
-        let compressed = claim.facts.extensions.is_some();
-        if compressed && deflate::client_offers(req.headers()).is_empty() {
-            return Err(Failure::CredentialMismatch);
+    // A compressed session's replay is compressed: the new offer must allow what was agreed.
+    let claim = claim.and_then(|(claim, received)| match &claim.facts.extensions {
+        Some(answer) if !deflate::allows(answer, &deflate::client_offers(req.headers())) => {
+            Err(Failure::CredentialMismatch)
         }
-        Ok((claim, received))
+        _ => Ok((claim, received)),
     });
     let mut response = accepted(client_key);
     let h = response.headers_mut();
