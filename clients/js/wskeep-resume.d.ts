@@ -19,7 +19,8 @@ export interface WskeepSocketOptions {
   sessionWaitMs?: number;
   /**
    * A send that wskeep has not acknowledged for this long (it acks within about a second) means
-   * a path that died without a FIN: the socket leaves it and resumes on a new connection.
+   * a path that died without a FIN: the socket leaves it, without a close frame (which would
+   * end the session if the path was only slow), and resumes on a new connection.
    * Default 10000 ms.
    */
   ackTimeoutMs?: number;

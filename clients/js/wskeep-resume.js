@@ -130,6 +130,7 @@ export class WskeepSocket extends EventTarget {
     this._protocol = "";
     this._extensions = "";
     this._ws = null; // the connection in use, or null during a gap
+    this._stale = null; // a connection left without a close frame, closed once wskeep replaced it
     this._attached = false; // _ws has its session message: sends go out
     this._mode = "pending"; // "pending" until the first message: "resumable" or "plain"
     this._lapsed = false; // plain only because the session message was slow to come
@@ -322,6 +323,7 @@ export class WskeepSocket extends EventTarget {
       return this._violation(ws, "session count out of range");
     }
     clearTimeout(this._sessionTimer);
+    this._closeStale(); // wskeep has replaced it by now (or its session is gone)
     this._token = token;
     this._mode = "resumable";
     this._attached = true;
@@ -344,9 +346,11 @@ export class WskeepSocket extends EventTarget {
       // wskeep acks what it received within about a second: a send unacknowledged for much
       // longer means a path that died silently (no FIN: a phone that changed networks), which
       // the browser would notice only after minutes. Leave it and resume on a new connection.
+      // No close frame on it: one that still reached wskeep (a slow path, not a dead one) would
+      // end the session. The resume replaces it in wskeep, then it is closed (_closeStale).
       if (this._kept.length > 0 && now() - this._kept[0].at > this._ackTimeoutMs) {
         this._drop(ws);
-        ws.close(4000, "no ack from wskeep");
+        this._stale = ws;
         this._lost();
       }
     }, Math.min(ACK_INTERVAL_MS, this._ackTimeoutMs / 2));
@@ -467,6 +471,13 @@ export class WskeepSocket extends EventTarget {
     else this._retryTimer = setTimeout(() => this._readyState === OPEN && this._connect(), delay);
   }
 
+  /** Closes a connection left by the ack watchdog (see _session). */
+  _closeStale() {
+    const stale = this._stale;
+    this._stale = null;
+    try { stale?.close(); } catch { /* already closing */ }
+  }
+
   /** Stops listening to a connection that is no longer ours. */
   _drop(ws) {
     if (ws && this._ws === ws) {
@@ -486,6 +497,7 @@ export class WskeepSocket extends EventTarget {
     clearTimeout(this._retryTimer);
     clearTimeout(this._closeTimer);
     this._stopTimers();
+    this._closeStale();
     this._readyState = CLOSED;
     this._kept = [];
     this._unwrittenBytes = 0;

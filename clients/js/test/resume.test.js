@@ -182,6 +182,35 @@ for (const [kind, start] of Object.entries(servers)) {
   });
 }
 
+test("the ack watchdog leaves a slow path without a close frame: what it held arrives before the resume, and the resume still works", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startWskeep(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { ackTimeoutMs: 1500 });
+  await eventually(() => ws.resumable, 5000, "session");
+  relay.freeze();
+  relay.hold();
+  for (let i = 0; i < 3; i++) ws.send(`c${i}`);
+  // No ack through the frozen path: the watchdog leaves it; the resume waits in the relay.
+  await eventually(() => relay.accepted === 2, 5000, "the resume attempt");
+  for (let i = 3; i < 5; i++) ws.send(`c${i}`);
+  // The old path was slow, not dead: what the shim wrote on it reaches wskeep first.
+  relay.thaw();
+  await upstream.until(() => upstream.connections[0].received.length === 3, 5000, "the old path's sends");
+  relay.release();
+  await eventually(() => seen.resumed.length === 1 || seen.resets.length > 0, 5000, "the resume");
+  const ended = () => upstream.connections[0].close !== undefined;
+  await upstream.until(() => upstream.connections[0].received.length === 5 || ended(), 5000, "the sends made in the gap");
+  assert.deepEqual(upstream.connections[0].received, numbered("c", 5));
+  assert.deepEqual([seen.resets, seen.resumed.length, seen.closes, seen.errors], [[], 1, [], 0]);
+  assert.deepEqual([upstream.connections.length, upstream.connections[0].close], [1, undefined], "the session went on");
+  ws.send("c5");
+  await upstream.until(() => upstream.connections[0].received.length === 6, 5000, "a send after the resume");
+});
+
 test("binary messages both ways through a drop: kept as sent (not as the page changed them after), resent, replayed", async () => {
   const N = 40;
   const upstream = await startUpstream();
