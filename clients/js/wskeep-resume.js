@@ -426,7 +426,9 @@ export class WskeepSocket extends EventTarget {
     // shim; 1006 is a connection that died without one: resume it.
     const died = e.code === 1006 || e.code === 1005 || e.code === 1015;
     if (died && this._mode === "resumable" && this._token !== null) return this._lost();
-    if (died && this._mode === "pending" && this._readyState === OPEN) return this._lost();
+    // Before its session message: sends written on it may have reached wskeep's session and the
+    // upstream, which a fresh session would resend, so they are lost, not resent.
+    if (died && this._mode === "pending" && this._readyState === OPEN) return this._written > 0 ? this._reset() : this._lost();
     if (died && this._readyState === CONNECTING) this.dispatchEvent(new Event("error"));
     if (died && this._mode === "plain") this.dispatchEvent(new Event("error"));
     this._finish(e.code, e.reason, e.wasClean);

@@ -211,6 +211,28 @@ test("the ack watchdog leaves a slow path without a close frame: what it held ar
   await upstream.until(() => upstream.connections[0].received.length === 6, 5000, "a send after the resume");
 });
 
+test("a connection lost before its session message, after sends went out on it: `reset`, not a silent resend (fake wskeep)", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startFake(upstream.port, { sessionDelayMs: 1000 });
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { sessionWaitMs: 60000 });
+  ws.onopen = () => { for (let i = 0; i < 3; i++) ws.send(`c${i}`); };
+  // wskeep's session forwarded them; its session message is still on its way when the path dies.
+  await upstream.until(() => upstream.connections[0]?.received.length === 3, 5000, "the first sends");
+  relay.cut();
+  await eventually(() => seen.resets.length === 1, 5000, "reset");
+  assert.deepEqual(seen.resets, [{ lost: 3 }]);
+  await upstream.until(() => upstream.connections.length === 2, 5000, "the fresh session's upstream connection");
+  ws.send("after");
+  await upstream.until(() => upstream.connections[1].received.length === 1, 5000, "a send on the fresh session");
+  assert.deepEqual(upstream.connections[1].received, ["after"], "the first session's sends not sent again");
+  assert.deepEqual(upstream.connections[0].received, numbered("c", 3));
+  assert.deepEqual([seen.closes, seen.errors, ws.readyState], [[], 0, WskeepSocket.OPEN]);
+});
+
 test("binary messages both ways through a drop: kept as sent (not as the page changed them after), resent, replayed", async () => {
   const N = 40;
   const upstream = await startUpstream();
