@@ -11,9 +11,9 @@ export interface WskeepSocketOptions {
   /** Give up (close 1006) when a gap lasts longer than this (default 30000 ms, wskeep's default grace). */
   maxGapMs?: number;
   /**
-   * After `open`, how long to wait for wskeep's session message before treating the server as
-   * one without resume: a plain WebSocket that keeps no sends and does not reconnect. Sends are
-   * not held back meanwhile. The server's first message, if it is not the session message, ends
+   * After `open` (and on a fresh session's connection after a `reset`), how long to wait for
+   * wskeep's session message before treating the server as one without resume: a plain
+   * WebSocket that keeps no sends and does not reconnect. Sends are not held back meanwhile. The server's first message, if it is not the session message, ends
    * the wait at once. Default 2000 ms.
    */
   sessionWaitMs?: number;

@@ -269,10 +269,12 @@ export class WskeepSocket extends EventTarget {
       this._readyState = OPEN;
       this.dispatchEvent(new Event("open"));
       if (this._ws !== ws || this._readyState !== OPEN) return;
-      if (this._mode === "pending") {
-        // A wskeep without resume sends no session message: after a while, be a plain socket.
-        this._sessionTimer = setTimeout(() => this._ws === ws && this._mode === "pending" && this._plain(true), this._sessionWaitMs);
-      }
+    }
+    if (this._mode === "pending") {
+      // A wskeep without resume sends no session message: after a while, be a plain socket (on
+      // the first connection, and on a fresh session's after a reset: else sends pile up kept).
+      clearTimeout(this._sessionTimer);
+      this._sessionTimer = setTimeout(() => this._ws === ws && this._mode === "pending" && this._plain(true), this._sessionWaitMs);
     }
   }
 

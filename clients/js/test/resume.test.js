@@ -233,6 +233,40 @@ test("a connection lost before its session message, after sends went out on it: 
   assert.deepEqual([seen.closes, seen.errors, ws.readyState], [[], 0, WskeepSocket.OPEN]);
 });
 
+test("after a reset, a fresh connection without a session message (wskeep with resume off) becomes plain: nothing kept", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  let server = await startWskeep(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { sessionWaitMs: 200 });
+  await eventually(() => ws.resumable, 5000, "session");
+  // wskeep restarts (the session is gone), and a wskeep with resume off takes its fresh sessions.
+  await relay.stop();
+  await server.stop();
+  server = await startWskeep(upstream.port);
+  const plain = await startWskeep(upstream.port, "enabled = false\n");
+  after(() => plain.stop());
+  relay.target = server.port;
+  relay.hold();
+  await relay.start();
+  await eventually(() => relay.accepted === 2, 5000, "the resume attempt");
+  relay.release();
+  relay.target = plain.port;
+  await eventually(() => seen.resets.length === 1, 5000, "reset (4410)");
+  await upstream.until(() => upstream.connections.length === 2, 5000, "the fresh session's upstream connection");
+  for (let i = 0; i < 3; i++) ws.send(`c${i}`);
+  await upstream.until(() => upstream.connections[1].received.length === 3, 5000, "the sends");
+  // The shim stops waiting for a session message: it keeps none of its sends (the bug: all, forever).
+  await eventually(() => ws._kept.length === 0 && !ws.resumable, 3000, "sends no longer kept");
+  // A plain socket: a drop closes it; nothing is resent on another connection.
+  relay.cut();
+  await eventually(() => seen.closes.length === 1, 5000, "close");
+  assert.deepEqual([seen.closes, relay.accepted, upstream.connections.length], [[1006], 3, 2]);
+  assert.deepEqual(upstream.connections[1].received, numbered("c", 3));
+});
+
 test("binary messages both ways through a drop: kept as sent (not as the page changed them after), resent, replayed", async () => {
   const N = 40;
   const upstream = await startUpstream();
