@@ -31,14 +31,21 @@ export interface WskeepSocketOptions {
 export interface ResumedDetail {
   /** How long the page was without a connection, in ms. */
   gapMs: number;
-  /** Page messages wskeep had not received, sent again on the new connection. */
+  /** Page messages wskeep had not received (above its count), sent again on the new connection. */
   resent: number;
-  /** Messages the page had received on the session when it came back; wskeep replays the rest. */
+  /**
+   * Data messages the page had received on the session, in total, when it came back (the count
+   * it gave wskeep): not how many were replayed; wskeep replays what it sent above this count.
+   */
   received: number;
 }
 
 export interface ResetDetail {
-  /** Page messages that wskeep had not acknowledged when the session was lost: not delivered. */
+  /**
+   * Page messages that wskeep had not acknowledged when the session was lost, which the socket
+   * drops (never sends again). Not all undelivered: wskeep acks about once a second, so some of
+   * them may have reached wskeep, and the upstream, before the session ended.
+   */
   lost: number;
 }
 
