@@ -11,15 +11,16 @@ export interface WskeepSocketOptions {
   /** Give up (close 1006) when a gap lasts longer than this (default 30000 ms, wskeep's default grace). */
   maxGapMs?: number;
   /**
-   * After `open`, how long to wait for wskeep's session message before treating the server as
-   * one without resume: a plain WebSocket that keeps no sends and does not reconnect. Sends are
-   * not held back meanwhile. The server's first message, if it is not the session message, ends
+   * After `open` (and on a fresh session's connection after a `reset`), how long to wait for
+   * wskeep's session message before treating the server as one without resume: a plain
+   * WebSocket that keeps no sends and does not reconnect. Sends are not held back meanwhile. The server's first message, if it is not the session message, ends
    * the wait at once. Default 2000 ms.
    */
   sessionWaitMs?: number;
   /**
    * A send that wskeep has not acknowledged for this long (it acks within about a second) means
-   * a path that died without a FIN: the socket leaves it and resumes on a new connection.
+   * a path that died without a FIN: the socket leaves it, without a close frame (which would
+   * end the session if the path was only slow), and resumes on a new connection.
    * Default 10000 ms.
    */
   ackTimeoutMs?: number;
@@ -30,14 +31,21 @@ export interface WskeepSocketOptions {
 export interface ResumedDetail {
   /** How long the page was without a connection, in ms. */
   gapMs: number;
-  /** Page messages wskeep had not received, sent again on the new connection. */
+  /** Page messages wskeep had not received (above its count), sent again on the new connection. */
   resent: number;
-  /** Messages the page had received on the session when it came back; wskeep replays the rest. */
+  /**
+   * Data messages the page had received on the session, in total, when it came back (the count
+   * it gave wskeep): not how many were replayed; wskeep replays what it sent above this count.
+   */
   received: number;
 }
 
 export interface ResetDetail {
-  /** Page messages that wskeep had not acknowledged when the session was lost: not delivered. */
+  /**
+   * Page messages that wskeep had not acknowledged when the session was lost, which the socket
+   * drops (never sends again). Not all undelivered: wskeep acks about once a second, so some of
+   * them may have reached wskeep, and the upstream, before the session ended.
+   */
   lost: number;
 }
 
@@ -50,8 +58,10 @@ export interface WskeepSocketEventMap {
   resumed: Event & { readonly detail: ResumedDetail };
   /**
    * wskeep could not resume the session (gap longer than its grace, a restarted or different
-   * wskeep: close 4410): the socket starts a fresh session, so the upstream sees a new
-   * connection. The page should set up its application state again, as after a reload.
+   * wskeep: close 4410), or a new session's connection died before wskeep's session message
+   * with sends already written on it (they may have reached the upstream: not sent again): the
+   * socket starts a fresh session, so the upstream sees a new connection. The page should set
+   * up its application state again, as after a reload.
    */
   reset: Event & { readonly detail: ResetDetail };
 }

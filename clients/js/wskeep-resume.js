@@ -130,6 +130,7 @@ export class WskeepSocket extends EventTarget {
     this._protocol = "";
     this._extensions = "";
     this._ws = null; // the connection in use, or null during a gap
+    this._stale = null; // a connection left without a close frame, closed once wskeep replaced it
     this._attached = false; // _ws has its session message: sends go out
     this._mode = "pending"; // "pending" until the first message: "resumable" or "plain"
     this._lapsed = false; // plain only because the session message was slow to come
@@ -268,10 +269,12 @@ export class WskeepSocket extends EventTarget {
       this._readyState = OPEN;
       this.dispatchEvent(new Event("open"));
       if (this._ws !== ws || this._readyState !== OPEN) return;
-      if (this._mode === "pending") {
-        // A wskeep without resume sends no session message: after a while, be a plain socket.
-        this._sessionTimer = setTimeout(() => this._ws === ws && this._mode === "pending" && this._plain(true), this._sessionWaitMs);
-      }
+    }
+    if (this._mode === "pending") {
+      // A wskeep without resume sends no session message: after a while, be a plain socket (on
+      // the first connection, and on a fresh session's after a reset: else sends pile up kept).
+      clearTimeout(this._sessionTimer);
+      this._sessionTimer = setTimeout(() => this._ws === ws && this._mode === "pending" && this._plain(true), this._sessionWaitMs);
     }
   }
 
@@ -322,6 +325,7 @@ export class WskeepSocket extends EventTarget {
       return this._violation(ws, "session count out of range");
     }
     clearTimeout(this._sessionTimer);
+    this._closeStale(); // wskeep has replaced it by now (or its session is gone)
     this._token = token;
     this._mode = "resumable";
     this._attached = true;
@@ -344,9 +348,11 @@ export class WskeepSocket extends EventTarget {
       // wskeep acks what it received within about a second: a send unacknowledged for much
       // longer means a path that died silently (no FIN: a phone that changed networks), which
       // the browser would notice only after minutes. Leave it and resume on a new connection.
+      // No close frame on it: one that still reached wskeep (a slow path, not a dead one) would
+      // end the session. The resume replaces it in wskeep, then it is closed (_closeStale).
       if (this._kept.length > 0 && now() - this._kept[0].at > this._ackTimeoutMs) {
         this._drop(ws);
-        ws.close(4000, "no ack from wskeep");
+        this._stale = ws;
         this._lost();
       }
     }, Math.min(ACK_INTERVAL_MS, this._ackTimeoutMs / 2));
@@ -422,7 +428,9 @@ export class WskeepSocket extends EventTarget {
     // shim; 1006 is a connection that died without one: resume it.
     const died = e.code === 1006 || e.code === 1005 || e.code === 1015;
     if (died && this._mode === "resumable" && this._token !== null) return this._lost();
-    if (died && this._mode === "pending" && this._readyState === OPEN) return this._lost();
+    // Before its session message: sends written on it may have reached wskeep's session and the
+    // upstream, which a fresh session would resend, so they are lost, not resent.
+    if (died && this._mode === "pending" && this._readyState === OPEN) return this._written > 0 ? this._reset() : this._lost();
     if (died && this._readyState === CONNECTING) this.dispatchEvent(new Event("error"));
     if (died && this._mode === "plain") this.dispatchEvent(new Event("error"));
     this._finish(e.code, e.reason, e.wasClean);
@@ -467,6 +475,13 @@ export class WskeepSocket extends EventTarget {
     else this._retryTimer = setTimeout(() => this._readyState === OPEN && this._connect(), delay);
   }
 
+  /** Closes a connection left by the ack watchdog (see _session). */
+  _closeStale() {
+    const stale = this._stale;
+    this._stale = null;
+    try { stale?.close(); } catch { /* already closing */ }
+  }
+
   /** Stops listening to a connection that is no longer ours. */
   _drop(ws) {
     if (ws && this._ws === ws) {
@@ -486,6 +501,7 @@ export class WskeepSocket extends EventTarget {
     clearTimeout(this._retryTimer);
     clearTimeout(this._closeTimer);
     this._stopTimers();
+    this._closeStale();
     this._readyState = CLOSED;
     this._kept = [];
     this._unwrittenBytes = 0;

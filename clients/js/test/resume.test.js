@@ -182,6 +182,91 @@ for (const [kind, start] of Object.entries(servers)) {
   });
 }
 
+test("the ack watchdog leaves a slow path without a close frame: what it held arrives before the resume, and the resume still works", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startWskeep(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { ackTimeoutMs: 1500 });
+  await eventually(() => ws.resumable, 5000, "session");
+  relay.freeze();
+  relay.hold();
+  for (let i = 0; i < 3; i++) ws.send(`c${i}`);
+  // No ack through the frozen path: the watchdog leaves it; the resume waits in the relay.
+  await eventually(() => relay.accepted === 2, 5000, "the resume attempt");
+  for (let i = 3; i < 5; i++) ws.send(`c${i}`);
+  // The old path was slow, not dead: what the shim wrote on it reaches wskeep first.
+  relay.thaw();
+  await upstream.until(() => upstream.connections[0].received.length === 3, 5000, "the old path's sends");
+  relay.release();
+  await eventually(() => seen.resumed.length === 1 || seen.resets.length > 0, 5000, "the resume");
+  const ended = () => upstream.connections[0].close !== undefined;
+  await upstream.until(() => upstream.connections[0].received.length === 5 || ended(), 5000, "the sends made in the gap");
+  assert.deepEqual(upstream.connections[0].received, numbered("c", 5));
+  assert.deepEqual([seen.resets, seen.resumed.length, seen.closes, seen.errors], [[], 1, [], 0]);
+  assert.deepEqual([upstream.connections.length, upstream.connections[0].close], [1, undefined], "the session went on");
+  ws.send("c5");
+  await upstream.until(() => upstream.connections[0].received.length === 6, 5000, "a send after the resume");
+});
+
+test("a connection lost before its session message, after sends went out on it: `reset`, not a silent resend (fake wskeep)", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startFake(upstream.port, { sessionDelayMs: 1000 });
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { sessionWaitMs: 60000 });
+  ws.onopen = () => { for (let i = 0; i < 3; i++) ws.send(`c${i}`); };
+  // wskeep's session forwarded them; its session message is still on its way when the path dies.
+  await upstream.until(() => upstream.connections[0]?.received.length === 3, 5000, "the first sends");
+  relay.cut();
+  await eventually(() => seen.resets.length === 1, 5000, "reset");
+  assert.deepEqual(seen.resets, [{ lost: 3 }]);
+  await upstream.until(() => upstream.connections.length === 2, 5000, "the fresh session's upstream connection");
+  ws.send("after");
+  await upstream.until(() => upstream.connections[1].received.length === 1, 5000, "a send on the fresh session");
+  assert.deepEqual(upstream.connections[1].received, ["after"], "the first session's sends not sent again");
+  assert.deepEqual(upstream.connections[0].received, numbered("c", 3));
+  assert.deepEqual([seen.closes, seen.errors, ws.readyState], [[], 0, WskeepSocket.OPEN]);
+});
+
+test("after a reset, a fresh connection without a session message (wskeep with resume off) becomes plain: nothing kept", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  let server = await startWskeep(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { sessionWaitMs: 200 });
+  await eventually(() => ws.resumable, 5000, "session");
+  // wskeep restarts (the session is gone), and a wskeep with resume off takes its fresh sessions.
+  await relay.stop();
+  await server.stop();
+  server = await startWskeep(upstream.port);
+  const plain = await startWskeep(upstream.port, "enabled = false\n");
+  after(() => plain.stop());
+  relay.target = server.port;
+  relay.hold();
+  await relay.start();
+  await eventually(() => relay.accepted === 2, 5000, "the resume attempt");
+  relay.release();
+  relay.target = plain.port;
+  await eventually(() => seen.resets.length === 1, 5000, "reset (4410)");
+  await upstream.until(() => upstream.connections.length === 2, 5000, "the fresh session's upstream connection");
+  for (let i = 0; i < 3; i++) ws.send(`c${i}`);
+  await upstream.until(() => upstream.connections[1].received.length === 3, 5000, "the sends");
+  // The shim stops waiting for a session message: it keeps none of its sends (the bug: all, forever).
+  await eventually(() => ws._kept.length === 0 && !ws.resumable, 3000, "sends no longer kept");
+  // A plain socket: a drop closes it; nothing is resent on another connection.
+  relay.cut();
+  await eventually(() => seen.closes.length === 1, 5000, "close");
+  assert.deepEqual([seen.closes, relay.accepted, upstream.connections.length], [[1006], 3, 2]);
+  assert.deepEqual(upstream.connections[1].received, numbered("c", 3));
+});
+
 test("binary messages both ways through a drop: kept as sent (not as the page changed them after), resent, replayed", async () => {
   const N = 40;
   const upstream = await startUpstream();

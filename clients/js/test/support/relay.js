@@ -8,6 +8,19 @@ export async function startRelay(targetPort) {
   const frozen = new Set();
   let server = null;
   let port = 0;
+  let held = null; // connections accepted while held: not yet connected to the target
+  const join = (inbound) => {
+    const outbound = connect(relay.target, "127.0.0.1");
+    const pair = [inbound, outbound];
+    pairs.add(pair);
+    for (const s of pair) {
+      s.setNoDelay(true);
+      s.on("error", () => {});
+      s.on("close", () => { pairs.delete(pair); frozen.delete(pair); inbound.destroy(); outbound.destroy(); });
+    }
+    inbound.pipe(outbound);
+    outbound.pipe(inbound);
+  };
   const relay = {
     target: targetPort,
     accepted: 0,
@@ -15,16 +28,11 @@ export async function startRelay(targetPort) {
     async start() {
       server = createServer((inbound) => {
         relay.accepted += 1;
-        const outbound = connect(relay.target, "127.0.0.1");
-        const pair = [inbound, outbound];
-        pairs.add(pair);
-        for (const s of pair) {
-          s.setNoDelay(true);
-          s.on("error", () => {});
-          s.on("close", () => { pairs.delete(pair); frozen.delete(pair); inbound.destroy(); outbound.destroy(); });
+        if (held === null) join(inbound);
+        else {
+          inbound.on("error", () => {});
+          held.push(inbound);
         }
-        inbound.pipe(outbound);
-        outbound.pipe(inbound);
       });
       await new Promise((resolve, reject) => {
         server.once("error", reject);
@@ -46,6 +54,19 @@ export async function startRelay(targetPort) {
         outbound.pause();
       }
     },
+    /**
+     * Accepts new connections but connects them to the target only on `release()` (a slow
+     * path for a new connection: its handshake waits, unanswered).
+     */
+    hold() {
+      held ??= [];
+    },
+    /** Connects the held connections to the current target, in order; new ones go through. */
+    release() {
+      const waiting = held ?? [];
+      held = null;
+      for (const inbound of waiting) if (!inbound.destroyed) join(inbound);
+    },
     /** Relays again on the frozen connections still open (what they held arrives late). */
     thaw() {
       for (const pair of frozen) {
@@ -59,6 +80,8 @@ export async function startRelay(targetPort) {
     cut() {
       for (const pair of [...pairs]) for (const s of pair) s.destroy();
       pairs.clear();
+      for (const inbound of held ?? []) inbound.destroy();
+      if (held !== null) held = [];
     },
     /** Stops listening and drops every relayed connection. */
     async stop() {
