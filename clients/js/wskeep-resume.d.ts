@@ -58,7 +58,8 @@ export interface WskeepSocketEventMap {
   resumed: Event & { readonly detail: ResumedDetail };
   /**
    * wskeep could not resume the session (gap longer than its grace, a restarted or different
-   * wskeep: close 4410), or a new session's connection died before wskeep's session message
+   * wskeep: close 4410; or no session message within `sessionWaitMs`, from a wskeep with resume
+   * off), or a new session's connection died before wskeep's session message
    * with sends already written on it (they may have reached the upstream: not sent again): the
    * socket starts a fresh session, so the upstream sees a new connection. The page should set
    * up its application state again, as after a reload.

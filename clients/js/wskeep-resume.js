@@ -275,7 +275,19 @@ export class WskeepSocket extends EventTarget {
       // the first connection, and on a fresh session's after a reset: else sends pile up kept).
       clearTimeout(this._sessionTimer);
       this._sessionTimer = setTimeout(() => this._ws === ws && this._mode === "pending" && this._plain(true), this._sessionWaitMs);
+    } else if (this._mode === "resumable" && !this._attached) {
+      // A resume is answered with a session message or 4410; neither within the wait (a wskeep
+      // that restarted with resume off, or an older build): the session is gone.
+      clearTimeout(this._sessionTimer);
+      this._sessionTimer = setTimeout(() => this._ws === ws && !this._attached && this._notResumed(ws), this._sessionWaitMs);
     }
+  }
+
+  /** A resume that was answered with no session (see _opened, _message): a fresh one. */
+  _notResumed(ws) {
+    this._drop(ws);
+    try { ws.close(); } catch { /* already closing */ }
+    this._reset();
   }
 
   _message(ws, data) {
@@ -289,6 +301,8 @@ export class WskeepSocket extends EventTarget {
       return;
     }
     if (this._mode === "pending") this._plain(false);
+    // Data before the session message on a resume: the upstream of a wskeep without resume.
+    if (this._mode === "resumable" && !this._attached) return this._notResumed(ws);
     if (this._mode === "resumable") {
       this._received += 1;
       this._unackedBytes += sizeOf(data);

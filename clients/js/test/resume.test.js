@@ -267,6 +267,34 @@ test("after a reset, a fresh connection without a session message (wskeep with r
   assert.deepEqual(upstream.connections[1].received, numbered("c", 3));
 });
 
+test("a resume that lands on a wskeep with resume off (no session message, no 4410): `reset`, then a plain socket", async () => {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await startWskeep(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  const { ws, seen } = client(relay.port, "", { sessionWaitMs: 200 });
+  await eventually(() => ws.resumable, 5000, "session");
+  for (let i = 0; i < 3; i++) ws.send(`c${i}`);
+  await upstream.until(() => upstream.connections[0]?.received.length === 3, 5000, "the first sends");
+  // wskeep is replaced by one with resume off: the resume gets a plain WebSocket.
+  await relay.stop();
+  await server.stop();
+  const plain = await startWskeep(upstream.port, "enabled = false\n");
+  after(() => plain.stop());
+  relay.target = plain.port;
+  await relay.start();
+  await eventually(() => seen.resets.length === 1, 5000, "reset (the bug: kept waiting for a session message)");
+  await eventually(() => !ws.resumable && ws._kept.length === 0, 3000, "a plain socket, nothing kept");
+  ws.send("after");
+  await upstream.until(() => upstream.connections.some((c) => c.received.includes("after")), 5000, "the send after");
+  // No upstream connection got the first sends twice, nor a control message.
+  const all = upstream.connections.flatMap((c) => c.received);
+  assert.deepEqual(all.filter((m) => m.startsWith("c")), numbered("c", 3));
+  assert.equal(all.filter((m) => m.startsWith("\0wskeep:")).length, 0);
+});
+
 test("binary messages both ways through a drop: kept as sent (not as the page changed them after), resent, replayed", async () => {
   const N = 40;
   const upstream = await startUpstream();
