@@ -542,3 +542,26 @@ async fn a_json_pong_held_behind_a_fragmented_message_keeps_its_place_in_the_rep
     assert_eq!(next_text(&mut client).await, "first last", "message 1");
     assert_eq!(next_text(&mut client).await, "{\"type\":\"pong\"}", "message 2");
 }
+
+/// A client that pings in a loop and never acknowledges cannot grow its session's buffer without
+/// bound: past `resume.buffer` plus one message, it is refused with 1008.
+#[tokio::test]
+async fn json_pings_without_acks_are_bounded_by_the_buffer() {
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, &RESUME.replace("64KiB", "16KiB"))).await;
+    let (mut client, _token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    let mut pongs = 0u64;
+    let code = loop {
+        assert!(pongs < 4000, "answered {pongs} pongs without an ack");
+        client.send(Message::text("{\"type\":\"ping\"}")).await.unwrap();
+        match next(&mut client).await {
+            Message::Text(_) => pongs += 1,
+            Message::Close(frame) => break frame.map(|f| u16::from(f.code)),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    // Each pong frame is 17 bytes; 16 KiB of buffer plus a 16 KiB message's allowance.
+    assert!((1900..=1930).contains(&pongs), "{pongs}");
+    assert_eq!(upstream_close(&mut up).await.0, 1001);
+}

@@ -76,6 +76,9 @@ pub struct Session {
     detached: bool,
     /// `resume.buffer`.
     limit: usize,
+    /// How far past `limit` a message may take the buffer: one `limits.max_message_size`, as an
+    /// upstream message let complete may.
+    allowance: usize,
     overflowed: bool,
     /// JSON pongs wskeep queued behind a message still arriving from the upstream (the client's
     /// outbox holds them likewise): numbered when that message ends, as they reach the wire.
@@ -116,7 +119,7 @@ impl Hooks for Session {
 }
 
 impl Session {
-    fn new(limit: usize) -> Session {
+    fn new(limit: usize, allowance: usize) -> Session {
         Session {
             replay: Replay::default(),
             from_client: 0,
@@ -124,6 +127,7 @@ impl Session {
             ack_timer: None,
             detached: false,
             limit,
+            allowance,
             overflowed: false,
             held_own: Vec::new(),
         }
@@ -142,6 +146,14 @@ impl Session {
                 self.replay.push_frame(&own, true);
             }
         }
+    }
+
+    /// A message of wskeep's own (a JSON pong, `payload_len` bytes) fits in the buffer: the
+    /// client cannot stop its reading (its acks come the same way), so a client that keeps
+    /// pinging without acknowledging would grow it without bound.
+    pub(super) fn own_room(&self, payload_len: usize) -> bool {
+        let held: usize = self.held_own.iter().map(Vec::len).sum();
+        self.replay.len() + held + payload_len + 10 <= self.limit + self.allowance
     }
 
     /// wskeep queued a data message of its own (a JSON pong) for the client; `goes_now`: it
@@ -215,7 +227,13 @@ pub async fn run(
 ) -> Outcome {
     let signal = std::pin::pin!(closing.clone().cancelled_owned());
     let env = ConnEnv { settings, metrics, conn };
-    let mut relay = Relay::new(client, upstream, env, ShutdownWatch::new(&closing, signal), Session::new(ctx.buffer));
+    let mut relay = Relay::new(
+        client,
+        upstream,
+        env,
+        ShutdownWatch::new(&closing, signal),
+        Session::new(ctx.buffer, settings.max_message_size as usize),
+    );
     ctx.connections.set_session_state(conn.id, Some("attached"));
     let mut preface = Vec::new();
     let mut issued = issue(&ctx, &mut preface, 0);
