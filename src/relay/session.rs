@@ -32,7 +32,7 @@ use crate::legstream::LegStream;
 use crate::metrics::Metrics;
 use crate::resume::replay::{BadCount, Replay};
 use crate::resume::token::Id;
-use crate::resume::{control, Facts, Failure, Registry, Resumption, NOT_RESUMABLE, REPLACED};
+use crate::resume::{control, Facts, Failure, Hold, Registry, Resumption, NOT_RESUMABLE, REPLACED};
 use crate::vocab::Side;
 
 /// wskeep tells the client its count at most this often, while it changes.
@@ -83,6 +83,8 @@ pub struct Session {
     /// JSON pongs wskeep queued behind a message still arriving from the upstream (the client's
     /// outbox holds them likewise): numbered when that message ends, as they reach the wire.
     held_own: Vec<Vec<u8>>,
+    /// The place of the client connection the session came or last resumed on.
+    hold: Option<Hold>,
 }
 
 impl Hooks for Session {
@@ -130,6 +132,7 @@ impl Session {
             allowance,
             overflowed: false,
             held_own: Vec::new(),
+            hold: None,
         }
     }
 
@@ -178,6 +181,8 @@ pub struct SessionContext {
     pub grace: Duration,
     /// `resume.buffer`
     pub buffer: usize,
+    /// The first connection's place (`Hold`), set by the task that runs the session.
+    pub hold: Option<Hold>,
 }
 
 /// The client leg of a detached session: nothing to read, and whatever is written goes nowhere
@@ -223,7 +228,7 @@ pub async fn run(
     metrics: &Metrics,
     conn: &ConnInfo,
     closing: CancellationToken,
-    ctx: SessionContext,
+    mut ctx: SessionContext,
 ) -> Outcome {
     let signal = std::pin::pin!(closing.clone().cancelled_owned());
     let env = ConnEnv { settings, metrics, conn };
@@ -234,6 +239,7 @@ pub async fn run(
         ShutdownWatch::new(&closing, signal),
         Session::new(ctx.buffer, settings.max_message_size as usize),
     );
+    relay.hooks.hold = ctx.hold.take();
     ctx.connections.set_session_state(conn.id, Some("attached"));
     let mut preface = Vec::new();
     let mut issued = issue(&ctx, &mut preface, 0);
@@ -335,9 +341,13 @@ pub async fn run(
     }
     ctx.connections.set_session_state(conn.id, None);
     tracing::debug!(conn = conn.id, ending = ?ending, "session ending");
+    // The connection's place is kept until its closing handshake is over (an HTTP/2
+    // connection's GOAWAY waits for it).
+    let hold = relay.hooks.hold.take();
     let Relay { legs, keepalive, .. } = relay;
     drop(keepalive);
     let mut outcome = Box::pin(finish(legs, ending, metrics, attached)).await;
+    drop(hold);
     if !attached {
         // The client leg ended without a close frame (recorded when it detached).
         outcome.codes[Side::Client as usize].0 = Some(1006);
@@ -375,17 +385,19 @@ impl Relay<'_, Session> {
     /// old leg is closed with 4001. On failure the new leg is closed with 4410 and the session
     /// carries on as it was.
     fn splice(&mut self, resumption: Resumption, ctx: &SessionContext) -> Result<(Option<Issued>, u64), Failure> {
-        let Resumption { leg, received, .. } = resumption;
+        let Resumption { leg, received, hold, .. } = resumption;
         // A client message half forwarded by the old leg cannot be finished by the new one.
         if self.hooks.replay.ack(received).is_err() || self.legs[1].out.message_open() {
-            refuse(leg, Failure::BadCount, self.env.metrics);
+            refuse(leg, Failure::BadCount, self.env.metrics, Some(hold));
             return Err(Failure::BadCount);
         }
         let client = &mut self.legs[0];
         let old = std::mem::replace(&mut client.io, leg);
+        let old_hold = self.hooks.hold.replace(hold);
         if !self.hooks.detached {
             tokio::spawn(async move {
                 crate::proxy::lone_leg::close(old, Side::Client, REPLACED.0, REPLACED.1).await;
+                drop(old_hold);
             });
         }
         client.reader = FrameReader::new(true, self.env.settings.max_message_size).with_deflate(self.env.conn.deflate);
@@ -409,10 +421,22 @@ impl Relay<'_, Session> {
 
 /// A resume that cannot go on: 101 was answered, so the client is told with a close frame
 /// (browser code would see an HTTP error only as a bare 1006).
-pub fn refuse(leg: LegStream, why: Failure, metrics: &Metrics) {
+/// `hold` (the new connection's place) is let go once the close is done.
+pub fn refuse(leg: LegStream, why: Failure, metrics: &Metrics, hold: Option<Hold>) {
+    tokio::spawn(refusal(leg, why, metrics, hold));
+}
+
+/// `refuse`, for a task that waits for it.
+pub fn refusal(
+    leg: LegStream,
+    why: Failure,
+    metrics: &Metrics,
+    hold: Option<Hold>,
+) -> impl Future<Output = ()> + Send + 'static {
     tracing::debug!(reason = why.as_str(), "resume refused");
     metrics.close_code(Side::Client, false, NOT_RESUMABLE.0);
-    tokio::spawn(async move {
+    async move {
         crate::proxy::lone_leg::close(leg, Side::Client, NOT_RESUMABLE.0, NOT_RESUMABLE.1).await;
-    });
+        drop(hold);
+    }
 }

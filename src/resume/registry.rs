@@ -33,9 +33,16 @@ pub struct Facts {
     pub extensions: Option<HeaderValue>,
 }
 
+/// What keeps a client connection's place while a leg of it is in use: its
+/// `listen.max_connections` permit and, on HTTP/2, its stream's drain-tracking token
+/// (`proxy::ConnMeta`). Released when dropped.
+pub type Hold = Box<dyn Send + Sync>;
+
 /// A resuming client's leg, on its way to the session's task.
 pub struct Resumption {
     pub leg: LegStream,
+    /// The new connection's place: the session holds it instead of the old one's.
+    pub hold: Hold,
     /// Messages the client says it received from wskeep on this session.
     pub received: u64,
     /// When the handshake claimed the session (the gap ends here).
