@@ -803,3 +803,29 @@ async fn a_resumed_http2_websocket_holds_its_connection_until_its_1001() {
     let end = frames.iter().position(|f| f.2 == stream && (f.0 == DATA && f.1 & END_STREAM != 0 || f.0 == 3));
     assert!(end.is_some_and(|end| end < goaway), "stream {stream} not ended before GOAWAY: {frames:?}");
 }
+
+/// A resume that comes during a drain (here on an HTTP/2 connection kept open by another
+/// WebSocket) is answered as every failed resume is: 200 (101 on HTTP/1.1), then close 4410, so
+/// the shim starts afresh rather than retrying a bare error.
+#[tokio::test]
+async fn a_resume_during_a_drain_gets_4410_not_503() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let extra = "[resume]\nenabled = true\ngrace = \"5s\"\n[shutdown]\ndrain_timeout = \"5s\"\n";
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), extra)).await;
+    let h2 = h2_connect(sidecar.addr, &cert).await;
+    let (_kept, _) = h2.websocket("/kept", &[]).await.unwrap();
+    let (mut ws, _) = h2.websocket("/r?wskeep_resume=1", &[]).await.unwrap();
+    let token = session_token(&mut ws).await;
+    ws.get_mut().send.send_reset(h2::Reason::CANCEL);
+    await_metric(sidecar.admin, "wskeep_resume_sessions_detached_total", 1.0).await;
+
+    sidecar.drain.start();
+    let resume = format!("/r?wskeep_resume=1&wskeep_token={token}&wskeep_received=0");
+    let (mut ws, _) = h2.websocket(&resume, &[]).await.expect("answered 200 while draining");
+    match next_message(&mut ws).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 4410),
+        other => panic!("no 4410: {other:?}"),
+    }
+    await_metric(sidecar.admin, r#"wskeep_resume_failures_total{reason="upstream_gone"}"#, 1.0).await;
+}

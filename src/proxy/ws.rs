@@ -63,15 +63,17 @@ pub async fn upgrade(
             return response;
         }
     };
-    if shared.drain.is_draining() {
-        metrics.upgrade_failed(UpgradeFailure::Draining);
-        return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
-    }
     let offered = headers::offered_protocols(req.headers());
     let resume = &settings.config.resume;
     let ask = if resume.enabled { resume::request::ask(req.uri().query()) } else { None };
+    // A resume is answered 101 and refused with 4410 even while draining: a browser sees a
+    // 503 only as a bare 1006, and the shim would retry rather than start afresh.
     if let Some(Ask::Resume { token, received }) = ask {
         return resume_session(&mut req, client_key.as_deref(), &offered, (token, received), &shared, &settings, meta);
+    }
+    if shared.drain.is_draining() {
+        metrics.upgrade_failed(UpgradeFailure::Draining);
+        return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
     }
     let mut deflate_offers =
         if settings.config.compression.enabled { deflate::client_offers(req.headers()) } else { Vec::new() };
@@ -146,6 +148,8 @@ fn resume_session(
 ) -> Response<Body> {
     let claimed_at = std::time::Instant::now();
     let claim = match (token, received) {
+        // Every session is closing: the token is left for its session to spend as it ends.
+        _ if shared.drain.is_draining() => Err(Failure::UpstreamGone),
         (Some(token), Some(received)) => {
             shared.sessions.claim(&token, &binding(req, shared, settings), offered).map(|claim| (claim, received))
         }
