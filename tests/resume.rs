@@ -236,6 +236,8 @@ async fn a_gap_longer_than_the_grace_gets_4410_and_the_upstream_1001() {
     assert!(line.contains("1001"), "{line}");
     let text = common::scrape(wskeep.admin).await;
     assert_eq!(common::metric(&text, "wskeep_resume_failures_total{reason=\"expired\"}"), 1.0, "counted once");
+    let lost = r#"wskeep_close_codes_total{code="1006",direction="received",side="client"}"#;
+    assert_eq!(common::metric(&text, lost), 1.0, "the client's 1006 counted once");
     assert_eq!(common::metric(&text, "wskeep_resume_sessions_detached"), 0.0);
     assert_eq!(common::metric(&text, "wskeep_connections_active"), 0.0);
 }
@@ -257,6 +259,10 @@ async fn a_detached_session_whose_buffer_overflows_ends() {
     wskeep.wait_metric("wskeep_resume_failures_total{reason=\"overflow\"}", 1.0, LIMIT).await;
     let mut late = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer a")]).await;
     assert_eq!(close_code(&mut late).await, 4410);
+    drop(up);
+    wskeep.wait_log_line(&["connection closed", "client_error"], LIMIT).await;
+    let lost = r#"wskeep_close_codes_total{code="1006",direction="received",side="client"}"#;
+    assert_eq!(common::metric(&common::scrape(wskeep.admin).await, lost), 1.0, "the client's 1006 counted once");
 }
 
 #[tokio::test]
