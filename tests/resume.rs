@@ -272,17 +272,60 @@ async fn a_stolen_token_with_other_credentials_is_refused_and_spent() {
     let (client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer alice").await;
     drop(client);
     wskeep.wait_metric("wskeep_resume_sessions_detached_total", 1.0, LIMIT).await;
+    let started = std::time::Instant::now();
     let mut thief = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer mallory")]).await;
     assert_eq!(close_code(&mut thief).await, 4410);
     wskeep.wait_metric("wskeep_resume_failures_total{reason=\"credential_mismatch\"}", 1.0, LIMIT).await;
+    // The token is spent and no one can resume the session now: it ends at once, not after
+    // the 3 s grace.
+    assert_eq!(upstream_close(&mut up).await, (1001, "client gone".into()));
+    assert!(started.elapsed() < Duration::from_millis(1500), "ended at once: {:?}", started.elapsed());
+    wskeep.wait_metric("wskeep_resume_failures_total{reason=\"expired\"}", 1.0, LIMIT).await;
+    let mut late = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer alice")]).await;
+    assert_eq!(close_code(&mut late).await, 4410, "the token was spent by the first try");
+
     // Another site's page with the right credentials: the Origin is bound too.
+    let (client, token, _up) = open_session(&wskeep, &mut upstreams, "Bearer alice").await;
+    drop(client);
+    wskeep.wait_metric("wskeep_resume_sessions_detached_total", 2.0, LIMIT).await;
     let headers = [("authorization", "Bearer alice"), ("origin", "https://evil.example")];
     let mut elsewhere = connect(wskeep.addr, &resume_query(&token, 0), &headers).await;
-    assert_eq!(close_code(&mut elsewhere).await, 4410, "the token was spent by the first try");
+    assert_eq!(close_code(&mut elsewhere).await, 4410);
+    wskeep.wait_metric("wskeep_resume_failures_total{reason=\"credential_mismatch\"}", 2.0, LIMIT).await;
+}
+
+/// A session whose token was spent by a failed resume while its client was attached cannot
+/// be resumed: when that client's connection dies, the session ends rather than detaching.
+#[tokio::test]
+async fn a_session_without_a_live_token_ends_instead_of_detaching() {
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, RESUME)).await;
+    let (client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    let mut thief = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer b")]).await;
+    assert_eq!(close_code(&mut thief).await, 4410);
+    let started = std::time::Instant::now();
+    drop(client);
+    assert_eq!(upstream_close(&mut up).await, (1001, "client gone".into()));
+    assert!(started.elapsed() < Duration::from_millis(1500), "ended at once: {:?}", started.elapsed());
+    let text = common::scrape(wskeep.admin).await;
+    assert_eq!(common::metric(&text, "wskeep_resume_sessions_detached_total"), 0.0);
+}
+
+/// A late resume learns who ended the session: the client's own close spends its token.
+#[tokio::test]
+async fn a_late_resume_after_the_clients_close_is_bad_token() {
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, RESUME)).await;
+    let (mut client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    client.close(None).await.unwrap();
+    assert!(matches!(next(&mut up).await, Message::Close(None)), "the client's close relayed");
+    drop(up);
+    wskeep.wait_log_line(&["connection closed", "client_close"], LIMIT).await;
+    let mut late = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer a")]).await;
+    assert_eq!(close_code(&mut late).await, 4410);
     wskeep.wait_metric("wskeep_resume_failures_total{reason=\"bad_token\"}", 1.0, LIMIT).await;
-    // The upstream saw nothing of it.
-    up.send(Message::text("still here")).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(100), up.next()).await.is_err(), "no close upstream");
+    let text = common::scrape(wskeep.admin).await;
+    assert_eq!(common::metric(&text, "wskeep_resume_failures_total{reason=\"upstream_gone\"}"), 0.0);
 }
 
 #[tokio::test]

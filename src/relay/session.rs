@@ -210,6 +210,9 @@ impl AsyncWrite for Parked {
 enum Event {
     Ended(Ending),
     Resuming(Resumption),
+    /// The token was claimed but its resume never arrived (the claim failed, or the upgrade):
+    /// it will bring no one.
+    TokenLost,
     Expired,
 }
 
@@ -258,24 +261,21 @@ pub async fn run(
             };
             let arrival = async {
                 match issued.as_mut().map(|i| &mut i.arrival) {
-                    Some(arrival) => match arrival.await {
-                        Ok(resumption) => resumption,
-                        // The claim failed: this token will never bring a client.
-                        Err(_) => pending().await,
-                    },
+                    Some(arrival) => arrival.await.map_or(Event::TokenLost, Event::Resuming),
                     None => pending().await,
                 }
             };
             tokio::select! {
                 biased;
                 ending = poll_fn(|cx| relay.poll_ending(cx)) => Event::Ended(ending),
-                resumption = arrival => Event::Resuming(resumption),
+                event = arrival => event,
                 () = grace => Event::Expired,
             }
         };
         match event {
+            // Without a live token no one can resume: the session ends as a connection would.
             Event::Ended(Ending::Lost(Side::Client) | Ending::TimedOut(Side::Client))
-                if detached_since.is_none() && !relay.legs[1].out.message_open() =>
+                if detached_since.is_none() && issued.is_some() && !relay.legs[1].out.message_open() =>
             {
                 relay.detach();
                 detached_since = Some(Instant::now());
@@ -287,6 +287,12 @@ pub async fn run(
             }
             Event::Ended(ending) => break ending,
             Event::Expired => break Ending::Abandoned,
+            Event::TokenLost => {
+                issued = None;
+                if detached_since.is_some() {
+                    break Ending::Abandoned;
+                }
+            }
             Event::Resuming(resumption) => {
                 // The token is spent: whatever happens next, it brings no one else.
                 issued = None;
@@ -296,6 +302,9 @@ pub async fn run(
                     Err(why) => {
                         metrics.resume_failed(why);
                         tracing::info!(conn = conn.id, reason = why.as_str(), "resume refused");
+                        if detached_since.is_some() {
+                            break Ending::Abandoned;
+                        }
                     }
                     Ok((next, replayed)) => {
                         last_id = next.as_ref().map(|i| i.id).or(last_id);
@@ -323,9 +332,16 @@ pub async fn run(
     };
 
     let attached = detached_since.is_none();
+    // What a late resume of the last id learns.
     let why = match &ending {
         Ending::Abandoned if relay.hooks.overflowed => Failure::Overflow,
         Ending::Abandoned => Failure::Expired,
+        // The client ended it (a close, a refused frame, a loss it could not come back from):
+        // its token is as good as spent.
+        Ending::Closed(Side::Client, _)
+        | Ending::Refused { side: Side::Client, .. }
+        | Ending::Lost(Side::Client)
+        | Ending::TimedOut(Side::Client) => Failure::BadToken,
         _ => Failure::UpstreamGone,
     };
     if matches!(ending, Ending::Abandoned) {
