@@ -769,6 +769,12 @@ async fn a_resumed_http2_websocket_holds_its_connection_until_its_1001() {
     let token = session_token(&mut ws).await;
     ws.get_mut().send.send_reset(h2::Reason::CANCEL);
     await_metric(sidecar.admin, "wskeep_resume_sessions_detached_total", 1.0).await;
+    // The detached session keeps its slot, not its old connection: that one goes idle.
+    let deadline = Instant::now() + LIMIT;
+    while !first.frames().iter().any(|f| f.0 == GOAWAY) {
+        assert!(Instant::now() < deadline, "no GOAWAY on the old connection: {:?}", first.frames());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let second = h2_connect(sidecar.addr, &cert).await;
     let (mut ws, _) = second

@@ -198,7 +198,7 @@ fn resume_session(
                 return;
             }
         };
-        let hold: resume::Hold = Box::new((meta.permit, meta.stream));
+        let hold = resume::Hold { permit: meta.permit, stream: meta.stream };
         match claim {
             Ok((claim, received)) => {
                 let resumption = Resumption { leg, hold, received, claimed: claimed_at };
@@ -384,7 +384,7 @@ async fn relay_task(
     let client = LegStream::from_upgraded(client);
     let upstream = LegStream::from_upgraded(upstream);
     // The connection's place: a session holds it itself, as its client legs come and go.
-    let mut place = Some((meta.permit, meta.stream));
+    let mut place = Some(resume::Hold { permit: meta.permit, stream: meta.stream });
 
     let metrics = &shared.metrics;
     metrics.connections_total.inc();
@@ -398,7 +398,7 @@ async fn relay_task(
         // Boxed: a session's future is larger, and an ordinary connection's task must not grow to
         // its size (this task's future holds whichever branch it awaits).
         Some(mut ctx) => {
-            ctx.hold = place.take().map(|place| Box::new(place) as resume::Hold);
+            ctx.hold = place.take();
             Box::pin(session::run(client, upstream, &settings, metrics, conn, closing, *ctx)).await
         }
     };

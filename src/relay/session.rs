@@ -394,6 +394,11 @@ impl Relay<'_, Session> {
         self.legs[1].out.drop_partial();
         self.keepalive = keepalive_of(self.env.settings, true);
         self.hooks.detached = true;
+        // The slot stays taken while the session waits, but its HTTP/2 connection (likely dead)
+        // may send its GOAWAY and go.
+        if let Some(hold) = &mut self.hooks.hold {
+            hold.stream = None;
+        }
     }
 
     /// Splices a resuming client's leg in: the token message, then what it has not received.

@@ -33,10 +33,14 @@ pub struct Facts {
     pub extensions: Option<HeaderValue>,
 }
 
-/// What keeps a client connection's place while a leg of it is in use: its
-/// `listen.max_connections` permit and, on HTTP/2, its stream's drain-tracking token
-/// (`proxy::ConnMeta`). Released when dropped.
-pub type Hold = Box<dyn Send + Sync>;
+/// What keeps a client connection's place while a leg of it is in use (`proxy::ConnMeta`).
+/// Released when dropped.
+pub struct Hold {
+    /// Its `listen.max_connections` slot.
+    pub permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    /// On HTTP/2, its stream's drain-tracking token: while held, the connection sends no GOAWAY.
+    pub stream: Option<tokio_util::task::task_tracker::TaskTrackerToken>,
+}
 
 /// A resuming client's leg, on its way to the session's task.
 pub struct Resumption {
