@@ -745,3 +745,93 @@ async fn the_binary_logs_the_transport_and_drains_http2_websockets() {
     assert!(status.success(), "{status:?}");
     assert_eq!(await_closes(&upstream.closes, 2).await.last(), Some(&(1001, "going away".to_string())));
 }
+
+/// The first message of a resumable session (`\0wskeep:session <token> <count>`): the token.
+async fn session_token(ws: &mut H2Ws) -> String {
+    match next_message(ws).await {
+        Some(Message::Text(t)) => t.strip_prefix("\0wskeep:session ").unwrap().split(' ').next().unwrap().to_string(),
+        other => panic!("expected a session message, got {other:?}"),
+    }
+}
+
+/// A session resumed on another HTTP/2 connection belongs to that connection: its idle check
+/// leaves it be, and a drain sends the 1001 on it before the GOAWAY.
+#[tokio::test]
+async fn a_resumed_http2_websocket_holds_its_connection_until_its_1001() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let extra = "[resume]\nenabled = true\ngrace = \"5s\"\n[shutdown]\ndrain_timeout = \"300ms\"\n";
+    let mut config = common::test_config(upstream.addr, Some(&cert), extra);
+    config.listen.idle_timeout = Duration::from_millis(200);
+    let sidecar = common::start_sidecar(config).await;
+    let first = h2_connect(sidecar.addr, &cert).await;
+    let (mut ws, _) = first.websocket("/r?wskeep_resume=1", &[]).await.unwrap();
+    let token = session_token(&mut ws).await;
+    ws.get_mut().send.send_reset(h2::Reason::CANCEL);
+    await_metric(sidecar.admin, "wskeep_resume_sessions_detached_total", 1.0).await;
+    // The detached session keeps its slot, not its old connection: that one goes idle.
+    let deadline = Instant::now() + LIMIT;
+    while !first.frames().iter().any(|f| f.0 == GOAWAY) {
+        assert!(Instant::now() < deadline, "no GOAWAY on the old connection: {:?}", first.frames());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let second = h2_connect(sidecar.addr, &cert).await;
+    let (mut ws, _) = second
+        .websocket(&format!("/r?wskeep_resume=1&wskeep_token={token}&wskeep_received=0"), &[])
+        .await
+        .expect("the resume is answered 200");
+    session_token(&mut ws).await;
+    await_metric(sidecar.admin, "wskeep_resume_sessions_resumed_total", 1.0).await;
+    // Three idle periods: the connection carrying the resumed WebSocket stays open.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!second.frames().iter().any(|f| f.0 == GOAWAY), "{:?}", second.frames());
+    ws.send(Message::text("still open")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Some(Message::text("still open")));
+
+    let stream = u32::from(ws.get_ref().send.stream_id());
+    sidecar.drain.start();
+    match next_message(&mut ws).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("no 1001: {other:?}"),
+    }
+    let _ = next_message(&mut ws).await;
+    let deadline = Instant::now() + LIMIT;
+    let frames = loop {
+        let frames = second.frames();
+        if frames.iter().any(|f| f.0 == GOAWAY) {
+            break frames;
+        }
+        assert!(Instant::now() < deadline, "no GOAWAY after the WebSocket closed: {frames:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let goaway = frames.iter().position(|f| f.0 == GOAWAY).unwrap();
+    let end = frames.iter().position(|f| f.2 == stream && (f.0 == DATA && f.1 & END_STREAM != 0 || f.0 == 3));
+    assert!(end.is_some_and(|end| end < goaway), "stream {stream} not ended before GOAWAY: {frames:?}");
+}
+
+/// A resume that comes during a drain (here on an HTTP/2 connection kept open by another
+/// WebSocket) is answered as every failed resume is: 200 (101 on HTTP/1.1), then close 4410, so
+/// the shim starts afresh rather than retrying a bare error.
+#[tokio::test]
+async fn a_resume_during_a_drain_gets_4410_not_503() {
+    let cert = common::test_cert();
+    let upstream = common::TestUpstream::start().await;
+    let extra = "[resume]\nenabled = true\ngrace = \"5s\"\n[shutdown]\ndrain_timeout = \"5s\"\n";
+    let sidecar = common::start_sidecar(common::test_config(upstream.addr, Some(&cert), extra)).await;
+    let h2 = h2_connect(sidecar.addr, &cert).await;
+    let (_kept, _) = h2.websocket("/kept", &[]).await.unwrap();
+    let (mut ws, _) = h2.websocket("/r?wskeep_resume=1", &[]).await.unwrap();
+    let token = session_token(&mut ws).await;
+    ws.get_mut().send.send_reset(h2::Reason::CANCEL);
+    await_metric(sidecar.admin, "wskeep_resume_sessions_detached_total", 1.0).await;
+
+    sidecar.drain.start();
+    let resume = format!("/r?wskeep_resume=1&wskeep_token={token}&wskeep_received=0");
+    let (mut ws, _) = h2.websocket(&resume, &[]).await.expect("answered 200 while draining");
+    match next_message(&mut ws).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 4410),
+        other => panic!("no 4410: {other:?}"),
+    }
+    await_metric(sidecar.admin, r#"wskeep_resume_failures_total{reason="upstream_gone"}"#, 1.0).await;
+}

@@ -236,6 +236,8 @@ async fn a_gap_longer_than_the_grace_gets_4410_and_the_upstream_1001() {
     assert!(line.contains("1001"), "{line}");
     let text = common::scrape(wskeep.admin).await;
     assert_eq!(common::metric(&text, "wskeep_resume_failures_total{reason=\"expired\"}"), 1.0, "counted once");
+    let lost = r#"wskeep_close_codes_total{code="1006",direction="received",side="client"}"#;
+    assert_eq!(common::metric(&text, lost), 1.0, "the client's 1006 counted once");
     assert_eq!(common::metric(&text, "wskeep_resume_sessions_detached"), 0.0);
     assert_eq!(common::metric(&text, "wskeep_connections_active"), 0.0);
 }
@@ -257,6 +259,10 @@ async fn a_detached_session_whose_buffer_overflows_ends() {
     wskeep.wait_metric("wskeep_resume_failures_total{reason=\"overflow\"}", 1.0, LIMIT).await;
     let mut late = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer a")]).await;
     assert_eq!(close_code(&mut late).await, 4410);
+    drop(up);
+    wskeep.wait_log_line(&["connection closed", "client_error"], LIMIT).await;
+    let lost = r#"wskeep_close_codes_total{code="1006",direction="received",side="client"}"#;
+    assert_eq!(common::metric(&common::scrape(wskeep.admin).await, lost), 1.0, "the client's 1006 counted once");
 }
 
 #[tokio::test]
@@ -266,17 +272,60 @@ async fn a_stolen_token_with_other_credentials_is_refused_and_spent() {
     let (client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer alice").await;
     drop(client);
     wskeep.wait_metric("wskeep_resume_sessions_detached_total", 1.0, LIMIT).await;
+    let started = std::time::Instant::now();
     let mut thief = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer mallory")]).await;
     assert_eq!(close_code(&mut thief).await, 4410);
     wskeep.wait_metric("wskeep_resume_failures_total{reason=\"credential_mismatch\"}", 1.0, LIMIT).await;
+    // The token is spent and no one can resume the session now: it ends at once, not after
+    // the 3 s grace.
+    assert_eq!(upstream_close(&mut up).await, (1001, "client gone".into()));
+    assert!(started.elapsed() < Duration::from_millis(1500), "ended at once: {:?}", started.elapsed());
+    wskeep.wait_metric("wskeep_resume_failures_total{reason=\"expired\"}", 1.0, LIMIT).await;
+    let mut late = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer alice")]).await;
+    assert_eq!(close_code(&mut late).await, 4410, "the token was spent by the first try");
+
     // Another site's page with the right credentials: the Origin is bound too.
+    let (client, token, _up) = open_session(&wskeep, &mut upstreams, "Bearer alice").await;
+    drop(client);
+    wskeep.wait_metric("wskeep_resume_sessions_detached_total", 2.0, LIMIT).await;
     let headers = [("authorization", "Bearer alice"), ("origin", "https://evil.example")];
     let mut elsewhere = connect(wskeep.addr, &resume_query(&token, 0), &headers).await;
-    assert_eq!(close_code(&mut elsewhere).await, 4410, "the token was spent by the first try");
+    assert_eq!(close_code(&mut elsewhere).await, 4410);
+    wskeep.wait_metric("wskeep_resume_failures_total{reason=\"credential_mismatch\"}", 2.0, LIMIT).await;
+}
+
+/// A session whose token was spent by a failed resume while its client was attached cannot
+/// be resumed: when that client's connection dies, the session ends rather than detaching.
+#[tokio::test]
+async fn a_session_without_a_live_token_ends_instead_of_detaching() {
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, RESUME)).await;
+    let (client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    let mut thief = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer b")]).await;
+    assert_eq!(close_code(&mut thief).await, 4410);
+    let started = std::time::Instant::now();
+    drop(client);
+    assert_eq!(upstream_close(&mut up).await, (1001, "client gone".into()));
+    assert!(started.elapsed() < Duration::from_millis(1500), "ended at once: {:?}", started.elapsed());
+    let text = common::scrape(wskeep.admin).await;
+    assert_eq!(common::metric(&text, "wskeep_resume_sessions_detached_total"), 0.0);
+}
+
+/// A late resume learns who ended the session: the client's own close spends its token.
+#[tokio::test]
+async fn a_late_resume_after_the_clients_close_is_bad_token() {
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, RESUME)).await;
+    let (mut client, token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    client.close(None).await.unwrap();
+    assert!(matches!(next(&mut up).await, Message::Close(None)), "the client's close relayed");
+    drop(up);
+    wskeep.wait_log_line(&["connection closed", "client_close"], LIMIT).await;
+    let mut late = connect(wskeep.addr, &resume_query(&token, 0), &[("authorization", "Bearer a")]).await;
+    assert_eq!(close_code(&mut late).await, 4410);
     wskeep.wait_metric("wskeep_resume_failures_total{reason=\"bad_token\"}", 1.0, LIMIT).await;
-    // The upstream saw nothing of it.
-    up.send(Message::text("still here")).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(100), up.next()).await.is_err(), "no close upstream");
+    let text = common::scrape(wskeep.admin).await;
+    assert_eq!(common::metric(&text, "wskeep_resume_failures_total{reason=\"upstream_gone\"}"), 0.0);
 }
 
 #[tokio::test]
@@ -541,4 +590,27 @@ async fn a_json_pong_held_behind_a_fragmented_message_keeps_its_place_in_the_rep
     assert_eq!(has, 1);
     assert_eq!(next_text(&mut client).await, "first last", "message 1");
     assert_eq!(next_text(&mut client).await, "{\"type\":\"pong\"}", "message 2");
+}
+
+/// A client that pings in a loop and never acknowledges cannot grow its session's buffer without
+/// bound: past `resume.buffer` plus one message, it is refused with 1008.
+#[tokio::test]
+async fn json_pings_without_acks_are_bounded_by_the_buffer() {
+    let (up_addr, mut upstreams) = upstream().await;
+    let wskeep = Wskeep::start_with(config(up_addr, &RESUME.replace("64KiB", "16KiB"))).await;
+    let (mut client, _token, mut up) = open_session(&wskeep, &mut upstreams, "Bearer a").await;
+    let mut pongs = 0u64;
+    let code = loop {
+        assert!(pongs < 4000, "answered {pongs} pongs without an ack");
+        client.send(Message::text("{\"type\":\"ping\"}")).await.unwrap();
+        match next(&mut client).await {
+            Message::Text(_) => pongs += 1,
+            Message::Close(frame) => break frame.map(|f| u16::from(f.code)),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    // Each pong frame is 17 bytes; 16 KiB of buffer plus a 16 KiB message's allowance.
+    assert!((1900..=1930).contains(&pongs), "{pongs}");
+    assert_eq!(upstream_close(&mut up).await.0, 1001);
 }

@@ -63,15 +63,17 @@ pub async fn upgrade(
             return response;
         }
     };
-    if shared.drain.is_draining() {
-        metrics.upgrade_failed(UpgradeFailure::Draining);
-        return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
-    }
     let offered = headers::offered_protocols(req.headers());
     let resume = &settings.config.resume;
     let ask = if resume.enabled { resume::request::ask(req.uri().query()) } else { None };
+    // A resume is answered 101 and refused with 4410 even while draining: a browser sees a
+    // 503 only as a bare 1006, and the shim would retry rather than start afresh.
     if let Some(Ask::Resume { token, received }) = ask {
-        return resume_session(&mut req, client_key.as_deref(), &offered, token, received, &shared, &settings);
+        return resume_session(&mut req, client_key.as_deref(), &offered, (token, received), &shared, &settings, meta);
+    }
+    if shared.drain.is_draining() {
+        metrics.upgrade_failed(UpgradeFailure::Draining);
+        return text(StatusCode::SERVICE_UNAVAILABLE, "wskeep is shutting down\n");
     }
     let mut deflate_offers =
         if settings.config.compression.enabled { deflate::client_offers(req.headers()) } else { Vec::new() };
@@ -110,6 +112,7 @@ pub async fn upgrade(
             connections: shared.connections.clone(),
             grace: resume.grace,
             buffer: resume.buffer.0 as usize,
+            hold: None,
         })
     });
 
@@ -132,18 +135,21 @@ fn binding(req: &Request<Incoming>, shared: &Shared, settings: &Settings) -> [u8
 }
 
 /// A resuming handshake, answered without contacting the upstream: 101 either way, then the
-/// session's task gets the new leg, or the client gets 4410 (docs/resume.md).
+/// session's task gets the new leg, or the client gets 4410 (docs/resume.md). The connection's
+/// place (`meta`) goes with the leg: to the session, or held until the 4410 is done.
 fn resume_session(
     req: &mut Request<Incoming>,
     client_key: Option<&str>,
     offered: &[String],
-    token: Option<resume::token::Token>,
-    received: Option<u64>,
+    (token, received): (Option<resume::token::Token>, Option<u64>),
     shared: &Arc<Shared>,
     settings: &Settings,
+    meta: ConnMeta,
 ) -> Response<Body> {
     let claimed_at = std::time::Instant::now();
     let claim = match (token, received) {
+        // Every session is closing: the token is left for its session to spend as it ends.
+        _ if shared.drain.is_draining() => Err(Failure::UpstreamGone),
         (Some(token), Some(received)) => {
             shared.sessions.claim(&token, &binding(req, shared, settings), offered).map(|claim| (claim, received))
         }
@@ -191,16 +197,17 @@ fn resume_session(
                 return;
             }
         };
+        let hold = resume::Hold { permit: meta.permit, stream: meta.stream };
         match claim {
             Ok((claim, received)) => {
-                let resumption = Resumption { leg, received, claimed: claimed_at };
+                let resumption = Resumption { leg, hold, received, claimed: claimed_at };
                 if let Err(back) = claim.handoff.send(resumption) {
                     // The session ended between the claim and now.
                     metrics.resume_failed(Failure::UpstreamGone);
-                    session::refuse(back.leg, Failure::UpstreamGone, &metrics);
+                    session::refusal(back.leg, Failure::UpstreamGone, &metrics, Some(back.hold)).await;
                 }
             }
-            Err(why) => session::refuse(leg, why, &metrics),
+            Err(why) => session::refusal(leg, why, &metrics, Some(hold)).await,
         }
     });
     response
@@ -375,6 +382,8 @@ async fn relay_task(
     };
     let client = LegStream::from_upgraded(client);
     let upstream = LegStream::from_upgraded(upstream);
+    // The connection's place: a session holds it itself, as its client legs come and go.
+    let mut place = Some(resume::Hold { permit: meta.permit, stream: meta.stream });
 
     let metrics = &shared.metrics;
     metrics.connections_total.inc();
@@ -387,7 +396,10 @@ async fn relay_task(
         None => relay::run(client, upstream, &settings, metrics, conn, closing).await,
         // Boxed: a session's future is larger, and an ordinary connection's task must not grow to
         // its size (this task's future holds whichever branch it awaits).
-        Some(ctx) => Box::pin(session::run(client, upstream, &settings, metrics, conn, closing, *ctx)).await,
+        Some(mut ctx) => {
+            ctx.hold = place.take();
+            Box::pin(session::run(client, upstream, &settings, metrics, conn, closing, *ctx)).await
+        }
     };
     let duration = conn.started.elapsed();
     // The ending is recorded before the gauge drops, so a scrape that sees no active connection
@@ -397,7 +409,7 @@ async fn relay_task(
     shared.endings.record(conn.clone(), outcome, duration);
     metrics.connections_active.dec();
     drop(guard);
-    drop(meta.permit);
+    drop(place);
 }
 
 /// One leg upgraded and the other did not: the upgraded one is closed as the endings table says

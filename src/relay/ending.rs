@@ -131,7 +131,11 @@ impl Ending {
 /// Runs the closing handshakes of both legs together and records the codes. Without
 /// `client_attached` (a detached session) the client leg has no one to close.
 pub async fn finish(legs: [Leg; 2], ending: Ending, metrics: &Metrics, client_attached: bool) -> Outcome {
-    let received = ending.received();
+    let mut received = ending.received();
+    if !client_attached {
+        // A detached session's client leg ended without a close frame, recorded when it detached.
+        received[Side::Client as usize] = None;
+    }
     if let Ending::Refused { side, violation, .. } = &ending {
         tracing::debug!(side = side.as_str(), code = violation.code, reason = violation.reason, "refused a frame");
     }

@@ -32,7 +32,7 @@ use crate::legstream::LegStream;
 use crate::metrics::Metrics;
 use crate::resume::replay::{BadCount, Replay};
 use crate::resume::token::Id;
-use crate::resume::{control, Facts, Failure, Registry, Resumption, NOT_RESUMABLE, REPLACED};
+use crate::resume::{control, Facts, Failure, Hold, Registry, Resumption, NOT_RESUMABLE, REPLACED};
 use crate::vocab::Side;
 
 /// wskeep tells the client its count at most this often, while it changes.
@@ -76,10 +76,15 @@ pub struct Session {
     detached: bool,
     /// `resume.buffer`.
     limit: usize,
+    /// How far past `limit` a message may take the buffer: one `limits.max_message_size`, as an
+    /// upstream message let complete may.
+    allowance: usize,
     overflowed: bool,
     /// JSON pongs wskeep queued behind a message still arriving from the upstream (the client's
     /// outbox holds them likewise): numbered when that message ends, as they reach the wire.
     held_own: Vec<Vec<u8>>,
+    /// The place of the client connection the session came or last resumed on.
+    hold: Option<Hold>,
 }
 
 impl Hooks for Session {
@@ -116,7 +121,7 @@ impl Hooks for Session {
 }
 
 impl Session {
-    fn new(limit: usize) -> Session {
+    fn new(limit: usize, allowance: usize) -> Session {
         Session {
             replay: Replay::default(),
             from_client: 0,
@@ -124,8 +129,10 @@ impl Session {
             ack_timer: None,
             detached: false,
             limit,
+            allowance,
             overflowed: false,
             held_own: Vec::new(),
+            hold: None,
         }
     }
 
@@ -142,6 +149,14 @@ impl Session {
                 self.replay.push_frame(&own, true);
             }
         }
+    }
+
+    /// A message of wskeep's own (a JSON pong, `payload_len` bytes) fits in the buffer: the
+    /// client cannot stop its reading (its acks come the same way), so a client that keeps
+    /// pinging without acknowledging would grow it without bound.
+    pub(super) fn own_room(&self, payload_len: usize) -> bool {
+        let held: usize = self.held_own.iter().map(Vec::len).sum();
+        self.replay.len() + held + payload_len + 10 <= self.limit + self.allowance
     }
 
     /// wskeep queued a data message of its own (a JSON pong) for the client; `goes_now`: it
@@ -166,6 +181,8 @@ pub struct SessionContext {
     pub grace: Duration,
     /// `resume.buffer`
     pub buffer: usize,
+    /// The first connection's place (`Hold`), set by the task that runs the session.
+    pub hold: Option<Hold>,
 }
 
 /// The client leg of a detached session: nothing to read, and whatever is written goes nowhere
@@ -193,6 +210,9 @@ impl AsyncWrite for Parked {
 enum Event {
     Ended(Ending),
     Resuming(Resumption),
+    /// The token was claimed but its resume never arrived (the claim failed, or the upgrade):
+    /// it will bring no one.
+    TokenLost,
     Expired,
 }
 
@@ -211,11 +231,18 @@ pub async fn run(
     metrics: &Metrics,
     conn: &ConnInfo,
     closing: CancellationToken,
-    ctx: SessionContext,
+    mut ctx: SessionContext,
 ) -> Outcome {
     let signal = std::pin::pin!(closing.clone().cancelled_owned());
     let env = ConnEnv { settings, metrics, conn };
-    let mut relay = Relay::new(client, upstream, env, ShutdownWatch::new(&closing, signal), Session::new(ctx.buffer));
+    let mut relay = Relay::new(
+        client,
+        upstream,
+        env,
+        ShutdownWatch::new(&closing, signal),
+        Session::new(ctx.buffer, settings.max_message_size as usize),
+    );
+    relay.hooks.hold = ctx.hold.take();
     ctx.connections.set_session_state(conn.id, Some("attached"));
     let mut preface = Vec::new();
     let mut issued = issue(&ctx, &mut preface, 0);
@@ -234,24 +261,21 @@ pub async fn run(
             };
             let arrival = async {
                 match issued.as_mut().map(|i| &mut i.arrival) {
-                    Some(arrival) => match arrival.await {
-                        Ok(resumption) => resumption,
-                        // The claim failed: this token will never bring a client.
-                        Err(_) => pending().await,
-                    },
+                    Some(arrival) => arrival.await.map_or(Event::TokenLost, Event::Resuming),
                     None => pending().await,
                 }
             };
             tokio::select! {
                 biased;
                 ending = poll_fn(|cx| relay.poll_ending(cx)) => Event::Ended(ending),
-                resumption = arrival => Event::Resuming(resumption),
+                event = arrival => event,
                 () = grace => Event::Expired,
             }
         };
         match event {
+            // Without a live token no one can resume: the session ends as a connection would.
             Event::Ended(Ending::Lost(Side::Client) | Ending::TimedOut(Side::Client))
-                if detached_since.is_none() && !relay.legs[1].out.message_open() =>
+                if detached_since.is_none() && issued.is_some() && !relay.legs[1].out.message_open() =>
             {
                 relay.detach();
                 detached_since = Some(Instant::now());
@@ -263,6 +287,12 @@ pub async fn run(
             }
             Event::Ended(ending) => break ending,
             Event::Expired => break Ending::Abandoned,
+            Event::TokenLost => {
+                issued = None;
+                if detached_since.is_some() {
+                    break Ending::Abandoned;
+                }
+            }
             Event::Resuming(resumption) => {
                 // The token is spent: whatever happens next, it brings no one else.
                 issued = None;
@@ -272,6 +302,9 @@ pub async fn run(
                     Err(why) => {
                         metrics.resume_failed(why);
                         tracing::info!(conn = conn.id, reason = why.as_str(), "resume refused");
+                        if detached_since.is_some() {
+                            break Ending::Abandoned;
+                        }
                     }
                     Ok((next, replayed)) => {
                         last_id = next.as_ref().map(|i| i.id).or(last_id);
@@ -299,9 +332,16 @@ pub async fn run(
     };
 
     let attached = detached_since.is_none();
+    // What a late resume of the last id learns.
     let why = match &ending {
         Ending::Abandoned if relay.hooks.overflowed => Failure::Overflow,
         Ending::Abandoned => Failure::Expired,
+        // The client ended it (a close, a refused frame, a loss it could not come back from):
+        // its token is as good as spent.
+        Ending::Closed(Side::Client, _)
+        | Ending::Refused { side: Side::Client, .. }
+        | Ending::Lost(Side::Client)
+        | Ending::TimedOut(Side::Client) => Failure::BadToken,
         _ => Failure::UpstreamGone,
     };
     if matches!(ending, Ending::Abandoned) {
@@ -317,9 +357,13 @@ pub async fn run(
     }
     ctx.connections.set_session_state(conn.id, None);
     tracing::debug!(conn = conn.id, ending = ?ending, "session ending");
+    // The connection's place is kept until its closing handshake is over (an HTTP/2
+    // connection's GOAWAY waits for it).
+    let hold = relay.hooks.hold.take();
     let Relay { legs, keepalive, .. } = relay;
     drop(keepalive);
     let mut outcome = Box::pin(finish(legs, ending, metrics, attached)).await;
+    drop(hold);
     if !attached {
         // The client leg ended without a close frame (recorded when it detached).
         outcome.codes[Side::Client as usize].0 = Some(1006);
@@ -350,6 +394,11 @@ impl Relay<'_, Session> {
         self.legs[1].out.drop_partial();
         self.keepalive = keepalive_of(self.env.settings, true);
         self.hooks.detached = true;
+        // The slot stays taken while the session waits, but its HTTP/2 connection (likely dead)
+        // may send its GOAWAY and go.
+        if let Some(hold) = &mut self.hooks.hold {
+            hold.stream = None;
+        }
     }
 
     /// Splices a resuming client's leg in: the token message, then what it has not received.
@@ -357,17 +406,19 @@ impl Relay<'_, Session> {
     /// old leg is closed with 4001. On failure the new leg is closed with 4410 and the session
     /// carries on as it was.
     fn splice(&mut self, resumption: Resumption, ctx: &SessionContext) -> Result<(Option<Issued>, u64), Failure> {
-        let Resumption { leg, received, .. } = resumption;
+        let Resumption { leg, received, hold, .. } = resumption;
         // A client message half forwarded by the old leg cannot be finished by the new one.
         if self.hooks.replay.ack(received).is_err() || self.legs[1].out.message_open() {
-            refuse(leg, Failure::BadCount, self.env.metrics);
+            refuse(leg, Failure::BadCount, self.env.metrics, Some(hold));
             return Err(Failure::BadCount);
         }
         let client = &mut self.legs[0];
         let old = std::mem::replace(&mut client.io, leg);
+        let old_hold = self.hooks.hold.replace(hold);
         if !self.hooks.detached {
             tokio::spawn(async move {
                 crate::proxy::lone_leg::close(old, Side::Client, REPLACED.0, REPLACED.1).await;
+                drop(old_hold);
             });
         }
         client.reader = FrameReader::new(true, self.env.settings.max_message_size).with_deflate(self.env.conn.deflate);
@@ -391,10 +442,22 @@ impl Relay<'_, Session> {
 
 /// A resume that cannot go on: 101 was answered, so the client is told with a close frame
 /// (browser code would see an HTTP error only as a bare 1006).
-pub fn refuse(leg: LegStream, why: Failure, metrics: &Metrics) {
+/// `hold` (the new connection's place) is let go once the close is done.
+pub fn refuse(leg: LegStream, why: Failure, metrics: &Metrics, hold: Option<Hold>) {
+    tokio::spawn(refusal(leg, why, metrics, hold));
+}
+
+/// `refuse`, for a task that waits for it.
+pub fn refusal(
+    leg: LegStream,
+    why: Failure,
+    metrics: &Metrics,
+    hold: Option<Hold>,
+) -> impl Future<Output = ()> + Send + 'static {
     tracing::debug!(reason = why.as_str(), "resume refused");
     metrics.close_code(Side::Client, false, NOT_RESUMABLE.0);
-    tokio::spawn(async move {
+    async move {
         crate::proxy::lone_leg::close(leg, Side::Client, NOT_RESUMABLE.0, NOT_RESUMABLE.1).await;
-    });
+        drop(hold);
+    }
 }

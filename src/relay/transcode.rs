@@ -24,6 +24,8 @@ use crate::vocab::Side;
 const BAD_CONTROL: Violation = Violation { code: 1008, reason: "bad wskeep control message" };
 /// An upstream text message that starts with the prefix reserved for control messages.
 pub const RESERVED_PREFIX: Violation = Violation { code: 1011, reason: "reserved prefix" };
+/// A client that keeps asking for JSON pongs without acknowledging what it received.
+const UNACKNOWLEDGED: Violation = Violation { code: 1008, reason: "too many unacknowledged messages" };
 
 /// The data frame a leg is carrying into the other leg's outbox, where it starts at
 /// `committed` (nothing else is ever appended behind it).
@@ -286,6 +288,9 @@ fn carry_piece<S: Hooks>(
             None
         };
         if let (Some(matcher), Some(reply)) = (matcher, reply) {
+            if hooks.session().is_some_and(|session| !session.own_room(reply.len())) {
+                return Err(UNACKNOWLEDGED);
+            }
             let goes_now = back.data_goes_now();
             if back.push_frame(frame::OP_TEXT, reply.as_bytes()) {
                 env.metrics.json_pings_answered.inc();

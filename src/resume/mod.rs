@@ -10,7 +10,7 @@ pub mod replay;
 pub mod request;
 pub mod token;
 
-pub use registry::{Claim, Facts, Registry, Resumption};
+pub use registry::{Claim, Facts, Hold, Registry, Resumption};
 pub use request::{Ask, BindKey};
 
 use crate::config::Resume;

@@ -33,9 +33,20 @@ pub struct Facts {
     pub extensions: Option<HeaderValue>,
 }
 
+/// What keeps a client connection's place while a leg of it is in use (`proxy::ConnMeta`).
+/// Released when dropped.
+pub struct Hold {
+    /// Its `listen.max_connections` slot.
+    pub permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    /// On HTTP/2, its stream's drain-tracking token: while held, the connection sends no GOAWAY.
+    pub stream: Option<tokio_util::task::task_tracker::TaskTrackerToken>,
+}
+
 /// A resuming client's leg, on its way to the session's task.
 pub struct Resumption {
     pub leg: LegStream,
+    /// The new connection's place: the session holds it instead of the old one's.
+    pub hold: Hold,
     /// Messages the client says it received from wskeep on this session.
     pub received: u64,
     /// When the handshake claimed the session (the gap ends here).
