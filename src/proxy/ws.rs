@@ -94,8 +94,7 @@ pub async fn upgrade(
     let mut upstream_headers = upstream_response.headers().clone();
     headers::strip_response(&mut upstream_headers, true);
     let mut response = accepted(client_key.as_deref());
-    upstream_headers.extend(response.headers_mut().drain());
-    *response.headers_mut() = upstream_headers;
+    response.headers_mut().extend(upstream_headers);
     if let Some(agreed) = &deflate {
         response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::client_answer(agreed));
         metrics.compressed_connections.inc();
