@@ -30,16 +30,23 @@ function client(port, query, options = {}) {
   return { ws, seen };
 }
 
+/** A numbered upstream, `start(itsPort)` in front of it, and a killable relay in front of that;
+ * all stopped after the test. */
+async function chain(start) {
+  const upstream = await startUpstream();
+  after(() => upstream.close());
+  const server = await start(upstream.port);
+  after(() => server.stop());
+  const relay = await startRelay(server.port);
+  after(() => relay.stop().catch(() => {}));
+  return { upstream, server, relay };
+}
+
 for (const [kind, start] of Object.entries(servers)) {
   describe(`against ${kind}`, () => {
     test("three drops of the client's path: every message once and in order, both ways; the upstream saw one connection", async () => {
       const N = 300;
-      const upstream = await startUpstream();
-      after(() => upstream.close());
-      const server = await start(upstream.port, 30000);
-      after(() => server.stop());
-      const relay = await startRelay(server.port);
-      after(() => relay.stop().catch(() => {}));
+      const { upstream, server, relay } = await chain((port) => start(port, 30000));
       const { ws, seen } = client(relay.port, `count=${N}&every=5`);
       await eventually(() => seen.opens === 1, 5000, "open");
       let sent = 0;
@@ -83,12 +90,7 @@ for (const [kind, start] of Object.entries(servers)) {
     });
 
     test("a gap longer than the grace: 4410, `reset` with the lost sends, a fresh session", async () => {
-      const upstream = await startUpstream();
-      after(() => upstream.close());
-      const server = await start(upstream.port, 300);
-      after(() => server.stop());
-      const relay = await startRelay(server.port);
-      after(() => relay.stop().catch(() => {}));
+      const { upstream, server, relay } = await chain((port) => start(port, 300));
       const { ws, seen } = client(relay.port, "count=5&every=1");
       await eventually(() => seen.messages.length === 5, 5000, "the first messages");
       ws.send("before");
@@ -143,12 +145,7 @@ for (const [kind, start] of Object.entries(servers)) {
 
     test("a path that dies silently (no FIN): missing acks make the shim resume on a new connection, nothing lost", async () => {
       const N = 100;
-      const upstream = await startUpstream();
-      after(() => upstream.close());
-      const server = await start(upstream.port, 30000);
-      after(() => server.stop());
-      const relay = await startRelay(server.port);
-      after(() => relay.stop().catch(() => {}));
+      const { upstream, server, relay } = await chain((port) => start(port, 30000));
       const { ws, seen } = client(relay.port, `count=${N}&every=5`, { ackTimeoutMs: 2500 });
       await eventually(() => seen.opens === 1, 5000, "open");
       let sent = 0;
@@ -183,12 +180,7 @@ for (const [kind, start] of Object.entries(servers)) {
 }
 
 test("the ack watchdog leaves a slow path without a close frame: what it held arrives before the resume, and the resume still works", async () => {
-  const upstream = await startUpstream();
-  after(() => upstream.close());
-  const server = await startWskeep(upstream.port);
-  after(() => server.stop());
-  const relay = await startRelay(server.port);
-  after(() => relay.stop().catch(() => {}));
+  const { upstream, server, relay } = await chain((port) => startWskeep(port));
   const { ws, seen } = client(relay.port, "", { ackTimeoutMs: 1500 });
   await eventually(() => ws.resumable, 5000, "session");
   relay.freeze();
@@ -212,12 +204,7 @@ test("the ack watchdog leaves a slow path without a close frame: what it held ar
 });
 
 test("a connection lost before its session message, after sends went out on it: `reset`, not a silent resend (fake wskeep)", async () => {
-  const upstream = await startUpstream();
-  after(() => upstream.close());
-  const server = await startFake(upstream.port, { sessionDelayMs: 1000 });
-  after(() => server.stop());
-  const relay = await startRelay(server.port);
-  after(() => relay.stop().catch(() => {}));
+  const { upstream, server, relay } = await chain((port) => startFake(port, { sessionDelayMs: 1000 }));
   const { ws, seen } = client(relay.port, "", { sessionWaitMs: 60000 });
   ws.onopen = () => { for (let i = 0; i < 3; i++) ws.send(`c${i}`); };
   // wskeep's session forwarded them; its session message is still on its way when the path dies.
@@ -268,12 +255,7 @@ test("after a reset, a fresh connection without a session message (wskeep with r
 });
 
 test("a resume that lands on a wskeep with resume off (no session message, no 4410): `reset`, then a plain socket", async () => {
-  const upstream = await startUpstream();
-  after(() => upstream.close());
-  const server = await startWskeep(upstream.port);
-  after(() => server.stop());
-  const relay = await startRelay(server.port);
-  after(() => relay.stop().catch(() => {}));
+  const { upstream, server, relay } = await chain((port) => startWskeep(port));
   const { ws, seen } = client(relay.port, "", { sessionWaitMs: 200 });
   await eventually(() => ws.resumable, 5000, "session");
   for (let i = 0; i < 3; i++) ws.send(`c${i}`);
@@ -297,12 +279,7 @@ test("a resume that lands on a wskeep with resume off (no session message, no 44
 
 test("binary messages both ways through a drop: kept as sent (not as the page changed them after), resent, replayed", async () => {
   const N = 40;
-  const upstream = await startUpstream();
-  after(() => upstream.close());
-  const server = await startWskeep(upstream.port);
-  after(() => server.stop());
-  const relay = await startRelay(server.port);
-  after(() => relay.stop().catch(() => {}));
+  const { upstream, server, relay } = await chain((port) => startWskeep(port));
   const { ws, seen } = client(relay.port, `count=${N}&every=5&binary=1`);
   ws.binaryType = "arraybuffer";
   await eventually(() => seen.messages.length >= 10, 5000, "the first messages");
@@ -337,12 +314,7 @@ test("a stream far larger than resume.buffer flows: the shim's acks free wskeep'
 });
 
 test("with resume off in wskeep the shim is a plain WebSocket: sends go at once, a drop closes it", async () => {
-  const upstream = await startUpstream();
-  after(() => upstream.close());
-  const server = await startWskeep(upstream.port, "enabled = false\n");
-  after(() => server.stop());
-  const relay = await startRelay(server.port);
-  after(() => relay.stop().catch(() => {}));
+  const { upstream, server, relay } = await chain((port) => startWskeep(port, "enabled = false\n"));
   const { ws, seen } = client(relay.port, "", { sessionWaitMs: 60000 });
   ws.onopen = () => ws.send("hello");
   // Long before the shim would stop waiting for a session message: nothing held back.
@@ -360,12 +332,7 @@ test("with resume off in wskeep the shim is a plain WebSocket: sends go at once,
 });
 
 test("close() in a gap ends the socket at once and stops reconnecting; on a dead path it ends within its bound", async () => {
-  const upstream = await startUpstream();
-  after(() => upstream.close());
-  const server = await startWskeep(upstream.port);
-  after(() => server.stop());
-  const relay = await startRelay(server.port);
-  after(() => relay.stop().catch(() => {}));
+  const { upstream, server, relay } = await chain((port) => startWskeep(port));
   const first = client(relay.port, "");
   await eventually(() => first.ws.resumable, 5000, "session");
   await relay.stop();
@@ -387,12 +354,7 @@ test("close() in a gap ends the socket at once and stops reconnecting; on a dead
 });
 
 test("a session message slower than sessionWaitMs is still taken: the socket becomes resumable (fake wskeep)", async () => {
-  const upstream = await startUpstream();
-  after(() => upstream.close());
-  const server = await startFake(upstream.port, { sessionDelayMs: 400 });
-  after(() => server.stop());
-  const relay = await startRelay(server.port);
-  after(() => relay.stop().catch(() => {}));
+  const { upstream, server, relay } = await chain((port) => startFake(port, { sessionDelayMs: 400 }));
   const { ws, seen } = client(relay.port, "", { sessionWaitMs: 100 });
   ws.onopen = () => { for (let i = 0; i < 3; i++) ws.send(`c${i}`); };
   await upstream.until(() => upstream.connections[0]?.received.length === 3, 5000, "the first sends");
