@@ -350,20 +350,6 @@ async fn ipv6_listener_admin_and_upstream() {
     wskeep.wait_log_line(&["connection closed", "[::1]:"], LIMIT).await;
 }
 
-/// The Python that has `websockets` (tests/networks/install.sh's venv, else python3).
-fn python() -> std::path::PathBuf {
-    let home = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
-        .unwrap_or_default();
-    let venv = home.join("wskeep/websockets-venv/bin/python");
-    if venv.exists() {
-        venv
-    } else {
-        "python3".into()
-    }
-}
-
 /// A Python `websockets` server (tests/networks/upstream.py), on a Unix socket or over TLS.
 struct PythonUpstream {
     child: Child,
@@ -389,7 +375,7 @@ impl PythonUpstream {
 
     async fn start(args: &[&std::ffi::OsStr]) -> PythonUpstream {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/networks/upstream.py");
-        let mut child = Command::new(python())
+        let mut child = Command::new(common::python::python())
             .arg(script)
             .args(args)
             .stdin(Stdio::null())
